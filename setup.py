@@ -1,0 +1,26 @@
+"""zoo_jax: Zoology (Arora et al., ICLR 2024) in JAX/Flax."""
+import setuptools
+
+setuptools.setup(
+    name="zoo_jax",
+    version="0.1.0",
+    description="Sequence mixers on associative recall, in JAX/Flax (a reimplementation of Zoology).",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["zoo_jax", "zoo_jax.*", "kernels", "kernels.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "chex>=0.1.90",
+        "ml_collections>=1.0",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "plot": ["matplotlib>=3.8"],
+    },
+)
