@@ -17,7 +17,6 @@ setuptools.setup(
         "absl-py>=2.1",
         "numpy>=1.26",
         "tensorboardX>=2.6",
-        "tqdm>=4.66",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
