@@ -1,0 +1,156 @@
+"""Building blocks shared by the model and the mixers: initialisers, linear layers with logical sharding
+axes, short and long (FFT) causal convolutions, implicit filters, and the state mixers (MLP, GLU).
+
+Dimension legend: b batch, l sequence length, d model width, c channels, e positional-feature width.
+
+Initialisation follows Zoology's `_init_weights`: every linear and embedding weight ~ N(0, 0.02), biases 0,
+and output projections (`out_proj`, `fc2`) ~ N(0, 0.02 / sqrt(2 * n_layers)). Depthwise convolutions keep
+PyTorch's default `Conv1d` init, U(-1/sqrt(k), 1/sqrt(k)) for weight and bias, as Zoology does.
+"""
+
+import math
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from kernels import long_conv
+
+INIT_STD = 0.02
+
+
+def normal(std: float = INIT_STD):
+  return jax.nn.initializers.normal(stddev=std)
+
+
+def out_proj_std(n_layers: int) -> float:
+  return INIT_STD / math.sqrt(2 * n_layers)
+
+
+def logical(init, axes: tuple[str | None, ...]):
+  """Tags an initialiser with logical axis names. Sharding is applied by the trainer through
+  `zoo_jax.sharding.LOGICAL_RULES`, not eagerly at creation (Flax's eager sharding would need a mesh
+  context wherever a model is built, in tests and notebooks too)."""
+  return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
+def linear(d_in: int, d_out: int, *, axes: tuple[str | None, str | None], rngs: nnx.Rngs,
+           std: float = INIT_STD, use_bias: bool = True, dtype: Any = jnp.float32) -> nnx.Linear:
+  """A linear layer whose kernel carries logical sharding axes (see `zoo_jax.sharding.LOGICAL_RULES`)."""
+  return nnx.Linear(
+      d_in, d_out, use_bias=use_bias, dtype=dtype, rngs=rngs,
+      kernel_init=logical(normal(std), axes),
+      bias_init=logical(jax.nn.initializers.zeros, (axes[1],)))
+
+
+def _torch_conv_init(fan_in: int):
+  """PyTorch's default Conv1d init for weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class ShortConvolution(nnx.Module):
+  """Depthwise causal convolution of width k: y[t] = b + sum_{j<k} w[j] * u[t-j]."""
+
+  def __init__(self, d_model: int, kernel_size: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+    init = _torch_conv_init(kernel_size)
+    # w_kc[j] multiplies u[t - (k-1) + j], i.e. the last tap looks at the current token.
+    self.w_kc = nnx.Param(init(rngs.params(), (kernel_size, d_model)))
+    self.b_c = nnx.Param(init(rngs.params(), (d_model,)))
+    self.kernel_size = kernel_size
+    self.dtype = dtype
+
+  def __call__(self, u_bld: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    w_kc = self.w_kc[...].astype(self.dtype)
+    padded = jnp.pad(u_bld, ((0, 0), (k - 1, 0), (0, 0)))
+    length = u_bld.shape[1]
+    y_bld = sum(padded[:, j:j + length] * w_kc[j] for j in range(k))
+    return y_bld + self.b_c[...].astype(self.dtype)
+
+
+class LongConvolution(nnx.Module):
+  """Explicit long convolution: one free filter of length L per channel, applied by FFT, plus u.
+
+  As in Zoology's `LongConvolution` the filter is initialised N(0, 1) and the output adds the input
+  (`fft_conv` returns `y + u`).
+  """
+
+  def __init__(self, d_model: int, seq_len: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+    self.h_lc = nnx.Param(jax.random.normal(rngs.params(), (seq_len, d_model)))
+    self.dtype = dtype
+
+  def filter(self, length: int) -> jax.Array:
+    return self.h_lc[:length]
+
+  def __call__(self, u_bld: jax.Array) -> jax.Array:
+    y_bld = long_conv.causal_conv(u_bld, self.filter(u_bld.shape[1]))
+    return (y_bld + u_bld).astype(self.dtype)
+
+
+def positional_features(seq_len: int, emb_dim: int) -> jax.Array:
+  """Zoology's `PositionalEmbedding` for implicit filters: [t/(L-1), Re z, Im z], z = exp(-i f 2πt/L)."""
+  if emb_dim < 3 or emb_dim % 2 == 0:
+    raise ValueError(f"implicit filter emb_dim must be odd and >= 3, got {emb_dim}")
+  bands = (emb_dim - 1) // 2
+  t_l1 = jnp.linspace(0.0, 1.0, seq_len)[:, None]
+  w_l1 = 2 * math.pi * jnp.arange(seq_len, dtype=jnp.float32)[:, None] / seq_len
+  f_1e = jnp.linspace(1e-4, bands - 1, bands)[None, :]
+  return jnp.concatenate([t_l1, jnp.cos(f_1e * w_l1), -jnp.sin(f_1e * w_l1)], axis=-1)
+
+
+class ImplicitLongConvolution(nnx.Module):
+  """Long convolution whose filter is an MLP (Linear, ReLU, Linear) of positional features, applied by FFT.
+
+  Matches Zoology's `ImplicitLongConvolution` (d_emb=3, d_hidden=16) and adds the input like `fft_conv`.
+  """
+
+  def __init__(self, d_model: int, seq_len: int, *, d_emb: int = 3, d_hidden: int = 16,
+               rngs: nnx.Rngs, dtype: Any = jnp.float32):
+    self.seq_len = seq_len
+    self.d_emb = d_emb
+    self.fc1 = linear(d_emb, d_hidden, axes=(None, None), rngs=rngs)
+    self.fc2 = linear(d_hidden, d_model, axes=(None, None), rngs=rngs)
+    self.dtype = dtype
+
+  def filter(self, length: int) -> jax.Array:
+    z_le = positional_features(self.seq_len, self.d_emb)[:length]
+    return self.fc2(jax.nn.relu(self.fc1(z_le)))
+
+  def __call__(self, u_bld: jax.Array) -> jax.Array:
+    y_bld = long_conv.causal_conv(u_bld, self.filter(u_bld.shape[1]))
+    return (y_bld + u_bld).astype(self.dtype)
+
+
+class MLP(nnx.Module):
+  """State mixer fc2(gelu(fc1(x))), Zoology's `MLP` (tanh-approximated GELU)."""
+
+  def __init__(self, d_model: int, hidden_mult: int, *, n_layers: int, rngs: nnx.Rngs,
+               dtype: Any = jnp.float32):
+    hidden = hidden_mult * d_model
+    self.fc1 = linear(d_model, hidden, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
+    self.fc2 = linear(hidden, d_model, axes=("mlp", "embed"), rngs=rngs, dtype=dtype,
+                      std=out_proj_std(n_layers))
+
+  def __call__(self, x_bld: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x_bld), approximate=True))
+
+
+class GLU(nnx.Module):
+  """State mixer fc2(a * silu(g)) with [a, g] = fc1(x), Zoology's `GLU`."""
+
+  def __init__(self, d_model: int, hidden_mult: int, *, n_layers: int, rngs: nnx.Rngs,
+               dtype: Any = jnp.float32):
+    hidden = hidden_mult * d_model
+    self.fc1 = linear(d_model, 2 * hidden, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
+    self.fc2 = linear(hidden, d_model, axes=("mlp", "embed"), rngs=rngs, dtype=dtype,
+                      std=out_proj_std(n_layers))
+
+  def __call__(self, x_bld: jax.Array) -> jax.Array:
+    a_bld, g_bld = jnp.split(self.fc1(x_bld), 2, axis=-1)
+    return self.fc2(a_bld * jax.nn.silu(g_bld))

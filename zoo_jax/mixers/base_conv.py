@@ -1,0 +1,89 @@
+"""BaseConv (Zoology, Section 4 / Arora et al. 2023): a gated convolution, y = conv(u) ⊙ (u W + b) + u.
+
+The convolution is either a short depthwise causal convolution of width k, or a long convolution over the
+whole sequence computed by FFT, with an explicit free filter or an implicit filter (a small MLP of
+positional features). Zoology's Figure-2 model uses `kernel_size = [3, -1]`: layer 0 a width-3 short conv,
+layer 1 a long implicit conv.
+
+Hyperparameters (Zoology defaults): `kernel_size` = 3 (an int, or one entry per layer; -1 means "long",
+the whole sequence); `implicit_long_conv` = True in Zoology's MQAR configs (False: explicit filter);
+`implicit_d_emb` = 3, `implicit_d_hidden` = 16; `use_act` = False (True: SiLU on both branches).
+
+Differences from Zoology's PyTorch `BaseConv`: a per-layer `kernel_size` list shorter than n_layers is an
+error at start-up (Zoology raises at construction); the FFT path is `kernels.long_conv` (float32 inside).
+
+State: a short conv keeps its last k-1 inputs, d·(k-1); a long conv needs the whole history, d·L.
+"""
+
+import dataclasses
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from zoo_jax import layers
+from zoo_jax.mixers import registry
+
+LONG = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseConvConfig:
+  kernel_size: int | tuple[int, ...] = 3
+  implicit_long_conv: bool = True
+  implicit_d_emb: int = 3
+  implicit_d_hidden: int = 16
+  use_act: bool = False
+
+  def validate(self, field: str) -> None:
+    sizes = self.kernel_size if isinstance(self.kernel_size, tuple) else (self.kernel_size,)
+    if not sizes:
+      raise ValueError(f"{field}.kernel_size must not be empty")
+    for k in sizes:
+      if k != LONG and k < 1:
+        raise ValueError(f"{field}.kernel_size entries must be >= 1 or -1 (long), got {k}")
+    if self.implicit_d_emb < 3 or self.implicit_d_emb % 2 == 0:
+      raise ValueError(f"{field}.implicit_d_emb must be odd and >= 3, got {self.implicit_d_emb}")
+    if self.implicit_d_hidden < 1:
+      raise ValueError(f"{field}.implicit_d_hidden must be >= 1, got {self.implicit_d_hidden}")
+
+  def layer_kernel_size(self, layer_idx: int, seq_len: int) -> int:
+    if isinstance(self.kernel_size, tuple):
+      if layer_idx >= len(self.kernel_size):
+        raise ValueError(f"model.mixer.kernel_size has {len(self.kernel_size)} entries, "
+                         f"fewer than the layers (needs one for layer {layer_idx})")
+      k = self.kernel_size[layer_idx]
+    else:
+      k = self.kernel_size
+    return seq_len if k == LONG or k >= seq_len else k
+
+
+@registry.register("base_conv", hparams=BaseConvConfig,
+                   state_size_formula="d·(k-1) with a short conv of width k; d·L with a long conv")
+class BaseConv(nnx.Module):
+
+  def __init__(self, cfg: BaseConvConfig, *, d_model: int, seq_len: int, layer_idx: int, n_layers: int,
+               dtype: Any, rngs: nnx.Rngs):
+    kernel_size = cfg.layer_kernel_size(layer_idx, seq_len)
+    self.use_act = cfg.use_act
+    self.projection = layers.linear(d_model, d_model, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
+    if kernel_size < seq_len:
+      self.conv = layers.ShortConvolution(d_model, kernel_size, rngs=rngs, dtype=dtype)
+    elif cfg.implicit_long_conv:
+      self.conv = layers.ImplicitLongConvolution(d_model, seq_len, d_emb=cfg.implicit_d_emb,
+                                                 d_hidden=cfg.implicit_d_hidden, rngs=rngs, dtype=dtype)
+    else:
+      self.conv = layers.LongConvolution(d_model, seq_len, rngs=rngs, dtype=dtype)
+
+  @staticmethod
+  def state_size(cfg: BaseConvConfig, d_model: int, seq_len: int, layer_idx: int) -> int:
+    k = cfg.layer_kernel_size(layer_idx, seq_len)
+    return d_model * (seq_len if k >= seq_len else k - 1)
+
+  def __call__(self, u_bld: jax.Array) -> jax.Array:
+    u_conv = self.conv(u_bld)
+    u_proj = self.projection(u_bld)
+    if self.use_act:
+      u_conv, u_proj = jax.nn.silu(u_conv), jax.nn.silu(u_proj)
+    return u_conv * u_proj + u_bld

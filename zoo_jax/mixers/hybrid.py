@@ -1,0 +1,48 @@
+"""A hybrid: a list of mixers cycled over the layers, e.g. `[base_conv(k=3), attention]` puts BaseConv in
+even layers and attention in odd ones (the paper's Section 5 hybrids; Zoology's `Hybrid` configs).
+
+Hyperparameters: `mixers`, a list of mixer configs (each `{'name': ..., **hparams}`); layer i gets
+`mixers[i % len(mixers)]`. The default is Based's front end pairing, `[base_conv k=3, attention]`.
+
+State: that of the mixer used at the layer.
+"""
+
+import dataclasses
+from typing import Any
+
+from flax import nnx
+import jax
+
+from zoo_jax.mixers import registry
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridConfig:
+  mixers: tuple[dict, ...] = ({"name": "base_conv", "kernel_size": 3}, {"name": "attention"})
+
+  def validate(self, field: str) -> None:
+    if not self.mixers:
+      raise ValueError(f"{field}.mixers must name at least one mixer")
+    for i, sub in enumerate(self.mixers):
+      registry.parse(sub, f"{field}.mixers[{i}]")
+
+  def layer_mixer(self, layer_idx: int) -> dict:
+    return self.mixers[layer_idx % len(self.mixers)]
+
+
+@registry.register("hybrid", hparams=HybridConfig, state_size_formula="that of mixers[layer % len(mixers)]")
+class Hybrid(nnx.Module):
+
+  def __init__(self, cfg: HybridConfig, *, d_model: int, seq_len: int, layer_idx: int, n_layers: int,
+               dtype: Any, rngs: nnx.Rngs):
+    self.mixer = registry.build(cfg.layer_mixer(layer_idx), d_model=d_model, seq_len=seq_len,
+                                layer_idx=layer_idx, n_layers=n_layers, rngs=rngs, dtype=dtype,
+                                field=f"model.mixer.mixers[{layer_idx % len(cfg.mixers)}]")
+
+  @staticmethod
+  def state_size(cfg: HybridConfig, d_model: int, seq_len: int, layer_idx: int) -> int:
+    return registry.state_size(cfg.layer_mixer(layer_idx), d_model=d_model, seq_len=seq_len,
+                               layer_idx=layer_idx)
+
+  def __call__(self, x_bld: jax.Array) -> jax.Array:
+    return self.mixer(x_bld)

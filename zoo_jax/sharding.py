@@ -1,0 +1,71 @@
+"""The device mesh and the one table of logical-axis rules that maps parameter axes onto it.
+
+Mesh axes: `data` (batch parallelism) and `model` (tensor parallelism over heads / MLP / vocabulary).
+Parameters carry logical axis names (`zoo_jax.layers.logical`); `LOGICAL_RULES` says which mesh axis each
+one is split over. A dimension that the mesh axis does not divide is replicated instead (small widths on
+a large `model` axis), so every config runs on every mesh.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+import numpy as np
+
+MESH_AXES = ("data", "model")
+
+LOGICAL_RULES: Mapping[str, str | None] = {
+    "batch": "data",
+    "vocab": "model",
+    "heads": "model",
+    "mlp": "model",
+    "embed": None,
+}
+
+
+def make_mesh(data: int = -1, model: int = 1, devices=None) -> jax.sharding.Mesh:
+  """A (data, model) mesh over `devices` (default: all). `data=-1` takes whatever `model` leaves."""
+  devices = list(devices if devices is not None else jax.devices())
+  n = len(devices)
+  if model < 1 or n % model:
+    raise ValueError(f"mesh.model must be >= 1 and divide the device count ({n}), got {model}")
+  if data == -1:
+    data = n // model
+  if data < 1 or data * model != n:
+    raise ValueError(f"mesh.data × mesh.model must equal the device count ({n}), got {data} × {model}")
+  return jax.make_mesh((data, model), MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto),
+                       devices=devices)
+
+
+def logical_to_mesh(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
+  axes = []
+  for name, size in zip(tuple(spec) + (None,) * (len(shape) - len(spec)), shape):
+    mesh_axis = LOGICAL_RULES.get(name) if name is not None else None
+    if name is not None and name not in LOGICAL_RULES:
+      raise ValueError(f"logical axis {name!r} has no rule in zoo_jax.sharding.LOGICAL_RULES")
+    if mesh_axis is not None and size % mesh.shape[mesh_axis]:
+      mesh_axis = None  # not divisible: replicate this dimension
+    axes.append(mesh_axis)
+  return P(*axes)
+
+
+def param_shardings(logical_specs: Any, abstract_params: Any, mesh: jax.sharding.Mesh) -> Any:
+  """NamedShardings for a parameter tree, from its logical PartitionSpecs and shapes."""
+  return jax.tree.map(lambda spec, x: NamedSharding(mesh, logical_to_mesh(spec, x.shape, mesh)),
+                      logical_specs, abstract_params,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P("data"))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def put_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """Host numpy batch -> global arrays split over the `data` axis (this process's rows)."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
