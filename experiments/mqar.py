@@ -14,6 +14,7 @@ import os
 import sys
 
 from absl import app
+from absl import logging
 from absl import flags
 from ml_collections import config_flags
 
@@ -57,6 +58,8 @@ def format_table(summaries: dict) -> str:
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:  # Orbax logs every checkpoint step at INFO
+    logging.set_verbosity(logging.WARNING)
   configs = run_configs(_CONFIG.value)
   summaries = {}
   for name, cfg in configs.items():

@@ -44,28 +44,43 @@ def logical_to_mesh(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) ->
     mesh_axis = LOGICAL_RULES.get(name) if name is not None else None
     if name is not None and name not in LOGICAL_RULES:
       raise ValueError(f"logical axis {name!r} has no rule in zoo_jax.sharding.LOGICAL_RULES")
-    if mesh_axis is not None and size % mesh.shape[mesh_axis]:
-      mesh_axis = None  # not divisible: replicate this dimension
+    if mesh_axis is not None and (size % mesh.shape[mesh_axis] or mesh.shape[mesh_axis] == 1):
+      # Not divisible: replicate this dimension. Size-1 axes are dropped too: the spec means the same,
+      # and XLA:CPU runs a program with size-1 mesh axes in its specs ~2.5x slower (measured, jax 0.10.2).
+      mesh_axis = None
     axes.append(mesh_axis)
   return P(*axes)
 
 
+def named(mesh: jax.sharding.Mesh, spec: P) -> jax.sharding.Sharding:
+  """`NamedSharding(mesh, spec)`, or the one device itself on a one-device mesh.
+
+  Measured on XLA:CPU (jax 0.10.2, 2 cores): the same train step over a 1×1 mesh runs 2–2.5× slower
+  (≈260 vs ≈115 ms per step, 2-layer d=64 attention at L=128, batch 64) when its arrays carry
+  NamedShardings than when they carry a SingleDeviceSharding, though there is nothing to partition.
+  """
+  if mesh.size == 1:
+    return jax.sharding.SingleDeviceSharding(mesh.devices.flat[0])
+  return NamedSharding(mesh, spec)
+
+
 def param_shardings(logical_specs: Any, abstract_params: Any, mesh: jax.sharding.Mesh) -> Any:
   """NamedShardings for a parameter tree, from its logical PartitionSpecs and shapes."""
-  return jax.tree.map(lambda spec, x: NamedSharding(mesh, logical_to_mesh(spec, x.shape, mesh)),
+  return jax.tree.map(lambda spec, x: named(mesh, logical_to_mesh(spec, x.shape, mesh)),
                       logical_specs, abstract_params,
                       is_leaf=lambda x: isinstance(x, P))
 
 
-def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P("data"))
+def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.Sharding:
+  return named(mesh, P("data"))
 
 
-def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
+def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.Sharding:
+  return named(mesh, P())
 
 
 def put_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
   """Host numpy batch -> global arrays split over the `data` axis (this process's rows)."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+

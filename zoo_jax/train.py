@@ -89,6 +89,13 @@ def make_optimizer(train_cfg: Any, total_steps: int) -> tuple[optax.GradientTran
   return optax.chain(*parts), schedule
 
 
+def optimizer_shardings(tx: optax.GradientTransformation, params: Any, param_sh: Any, mesh) -> Any:
+  """Moment trees take their parameter's sharding; counters and other scalars are replicated."""
+  abstract = jax.eval_shape(tx.init, params)
+  return optax.tree_map_params(tx, lambda _, sh: sh, abstract, param_sh,
+                               transform_non_params=lambda _: sharding.replicated(mesh))
+
+
 # ---------------------------------------------------------------------------------------------- Steps
 
 
@@ -266,8 +273,8 @@ def train_and_evaluate(config: Any, workdir: str, *, _kill_after_steps: int | No
   # Model, optimizer, shardings.
   graphdef, params, param_sh = init_model(model_cfg, mesh, config.seed)
   tx, schedule = make_optimizer(config.train, total_steps)
-  opt_state = jax.jit(tx.init)(params)
-  opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
+  opt_sh = optimizer_shardings(tx, params, param_sh, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
   train_step = make_train_step(graphdef, tx, schedule, k, param_sh, opt_sh, mesh)
   eval_step = make_eval_step(graphdef, k, param_sh, mesh)
