@@ -287,7 +287,7 @@ def train_and_evaluate(config: Any, workdir: str, *, _kill_after_steps: int | No
       max_to_keep=config.train.keep_checkpoints, enable_async_checkpointing=True))
   progress = dict(epoch=0, best_accuracy=-1.0, best_epoch=-1, stopped_early=False, history=[],
                   train_seconds=0.0, trained_steps=0)
-  best_params = params
+  best_params = jax.tree.map(jnp.copy, params)  # a copy: `params` is donated to the train step
   if manager.latest_step() is not None:
     latest = manager.latest_step()
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
