@@ -1,0 +1,6 @@
+"""zoo_jax: the sequence mixers of Zoology (Arora et al., ICLR 2024) on associative recall, in JAX/Flax.
+
+Modules: `data` (MQAR), `mixers` (the registry), `model`, `config`, `sharding`, `train`. See WORKSPACE.md.
+"""
+
+__version__ = "0.1.0"
