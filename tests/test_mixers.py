@@ -1,0 +1,370 @@
+"""Spec of every registered sequence mixer (`zoo_jax.mixers`), parameterized over the registry.
+
+A mixer maps x (b, l, d) -> (b, l, d) and:
+- returns the input's shape and dtype when built with that dtype (float32, bfloat16), keeping its
+  parameters in float32 (the optimizer's updates would be lost to bfloat16 rounding);
+- is causal: d out[t] / d x[s] = 0 for every s > t (exactly; within float32 round-off where the path
+  convolves by FFT), while out[t] does depend on x[t] and, for t > 0, on some earlier x[s];
+- has finite gradients of a loss w.r.t. the input and every parameter, and every parameter gets one;
+- reports `state_size` = the formula of its docstring (elements per example, one layer);
+- parses its hyperparameters strictly: an unknown key, a wrong type or an out-of-range value is a
+  one-line ValueError naming the field;
+- is listed by `python -m zoo_jax.mixers`.
+
+The examples come from `mixers.names()`: a newly registered mixer is tested with its default
+hyperparameters without editing this file (`test_a_newly_registered_mixer_is_picked_up` shows it);
+`KNOWN_EXAMPLES` adds hand-written examples, with their state sizes, for the mixers we know.
+"""
+
+from collections.abc import Callable
+import dataclasses
+import functools
+import os
+import subprocess
+import sys
+
+import chex
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zoo_jax import layers, mixers
+from zoo_jax.mixers import registry
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+B, L, D, N_LAYERS = 2, 12, 16, 2
+
+# FFT convolutions mix every position into every frequency, so the future reaches the past by float32
+# round-off: measured <= 4e-8 of the Jacobian's largest entry here (and ~1e-7 in tests/test_long_conv.py).
+# 1e-6 leaves 25x headroom.
+FFT_LEAK_RTOL = 1e-6
+# out[t] "depends" on x[s] when d out[t] / d x[s] exceeds 10x the leak allowance: above anything round-off
+# can produce, and 10x below the weakest real dependence measured here, 1e-4 of the largest entry (the
+# implicit long conv at init: its filter is an MLP of N(0, 0.02) weights, ~1e-3, next to the residual's 1).
+DEPENDS_OVER_LEAK = 10
+# bfloat16 keeps 8 significand bits: each rounding (input, matmuls' outputs, output) is <= 2^-9 relative.
+# Measured <= 0.45% of max|out| against the float32 mixer; 2% allows a few roundings to add up.
+BF16_RTOL = 2e-2
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, for functools.cache
+class Example:
+  id: str
+  mixer: dict
+  layer_idx: int = 0
+  # (d_model, seq_len) -> elements of state, the docstring's formula; None for a mixer we don't know.
+  state_size: Callable[[int, int], int] | None = None
+  # Largest d out[t] / d x[s > t] allowed, relative to the Jacobian's largest entry. A mixer we don't
+  # know may convolve by FFT, so it gets the FFT allowance.
+  causal_rtol: float = FFT_LEAK_RTOL
+
+
+def _kv_cache(d, l):
+  return 2 * d * l
+
+
+def _short_conv_k3(d, l):
+  return d * (3 - 1)
+
+
+def _long_conv(d, l):
+  return d * l
+
+
+BASE_CONV_K3 = {"name": "base_conv", "kernel_size": 3}
+KNOWN_EXAMPLES = {
+    "attention": [
+        Example("attention/heads=1", {"name": "attention", "num_heads": 1}, 0, _kv_cache, 0.0),
+        Example("attention/heads=2", {"name": "attention", "num_heads": 2}, 0, _kv_cache, 0.0),
+    ],
+    "base_conv": [
+        Example("base_conv/k=3", BASE_CONV_K3, 0, _short_conv_k3, 0.0),
+        Example("base_conv/k=3,use_act", {**BASE_CONV_K3, "use_act": True}, 0, _short_conv_k3, 0.0),
+        Example("base_conv/k=[3,-1],layer1,implicit", {"name": "base_conv", "kernel_size": [3, -1]},
+                1, _long_conv, FFT_LEAK_RTOL),
+        Example("base_conv/k=[3,-1],layer1,explicit",
+                {"name": "base_conv", "kernel_size": [3, -1], "implicit_long_conv": False},
+                1, _long_conv, FFT_LEAK_RTOL),
+    ],
+    "hybrid": [  # layer 1 of [base_conv k=3, attention] is attention (layer 0: test_hybrid_cycles_...)
+        Example("hybrid/[base_conv,attention],layer1",
+                {"name": "hybrid", "mixers": [BASE_CONV_K3, {"name": "attention"}]}, 1, _kv_cache, 0.0),
+    ],
+}
+
+
+def examples() -> list[Example]:
+  """One or more examples per registered mixer; its default hyperparameters if we don't know it."""
+  return [example for name in mixers.names()
+          for example in KNOWN_EXAMPLES.get(name, [Example(f"{name}/defaults", {"name": name})])]
+
+
+def _params(examples_):
+  return [pytest.param(e, id=e.id) for e in examples_]
+
+
+EXAMPLES = _params(examples())
+EXAMPLES_WITH_STATE_FORMULA = _params(e for e in examples() if e.state_size is not None)
+DTYPES = [pytest.param(jnp.float32, id="float32"), pytest.param(jnp.bfloat16, id="bfloat16")]
+
+
+def build(mixer: dict, layer_idx: int = 0, dtype=jnp.float32):
+  return mixers.build(mixer, d_model=D, seq_len=L, layer_idx=layer_idx, n_layers=N_LAYERS, rngs=nnx.Rngs(0),
+                      dtype=dtype)
+
+
+def functional(module: nnx.Module):
+  """(apply, params): the module as a pure function apply(params, x) of its parameters."""
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+  return (lambda params_, x: nnx.merge(graphdef, params_, rest)(x)), params
+
+
+def _normal(shape, seed=0):
+  # numpy draws: eager jax.random would compile a kernel per shape.
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+@functools.cache
+def forward(example: Example, dtype) -> tuple[jax.Array, jax.Array, list]:
+  """(x, out, param dtypes) for the mixer built in `dtype` on x (B, L, D) in `dtype`; cached because the
+  bfloat16 check reuses both outputs."""
+  module = build(example.mixer, example.layer_idx, dtype)
+  apply, params = functional(module)
+  x = _normal((B, L, D)).astype(dtype)
+  return x, jax.jit(apply)(params, x), [p.dtype for p in jax.tree.leaves(params)]
+
+
+def _dependence(example: Example) -> tuple[np.ndarray, float]:
+  """J[t, s] = max_ij |d out[0, t, i] / d x[0, s, j]| on one random x (1, L, D), and max J."""
+  apply, params = functional(build(example.mixer, example.layer_idx))
+  x = _normal((1, L, D), seed=1)
+  jac_tisj = jax.jit(jax.jacrev(lambda x_: apply(params, x_)[0]))(x)[:, :, 0]
+  jac_ts = np.abs(np.asarray(jac_tisj, np.float64)).max(axis=(1, 3))
+  return jac_ts, jac_ts.max()
+
+
+# ------------------------------------------------------------------------------------ per example
+
+
+def test_known_examples_name_registered_mixers():
+  assert set(KNOWN_EXAMPLES) <= set(mixers.names())
+  for name, examples_ in KNOWN_EXAMPLES.items():
+    assert all(e.mixer["name"] == name for e in examples_), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_output_has_the_input_shape_and_dtype(example, dtype):
+  x, out, param_dtypes = forward(example, dtype)
+  chex.assert_shape(out, x.shape)
+  chex.assert_type(out, dtype)
+  assert param_dtypes and set(param_dtypes) == {jnp.dtype(jnp.float32)}, param_dtypes
+  assert np.isfinite(np.asarray(out, np.float32)).all()
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_bfloat16_output_is_close_to_float32(example):
+  _, out32, _ = forward(example, jnp.float32)
+  _, out16, _ = forward(example, jnp.bfloat16)
+  out32, out16 = np.asarray(out32, np.float64), np.asarray(out16, np.float64)
+  err, scale = np.abs(out16 - out32).max(), np.abs(out32).max()
+  assert err <= BF16_RTOL * scale, f"bf16 vs f32: max abs err {err:.3g} > {BF16_RTOL} * {scale:.3g}"
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_causal_by_gradient(example):
+  jac_ts, scale = _dependence(example)
+  future = np.triu(jac_ts, k=1)
+  t, s = np.unravel_index(future.argmax(), future.shape)
+  assert future.max() <= example.causal_rtol * scale, (
+      f"out[{t}] depends on the future x[{s}]: {future.max():.3g} (scale {scale:.3g})")
+  depends = jac_ts > DEPENDS_OVER_LEAK * example.causal_rtol * scale
+  assert depends.diagonal().all(), f"out[t] does not depend on x[t] at t = {np.where(~depends.diagonal())}"
+  on_past = np.tril(depends, k=-1)[1:].any(axis=1)
+  assert on_past.all(), f"out[t] does not depend on any earlier x at t = {1 + np.where(~on_past)[0]}"
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_gradients_are_finite_and_reach_every_parameter(example):
+  apply, params = functional(build(example.mixer, example.layer_idx))
+  x, cotangent = _normal((B, L, D), seed=2), _normal((B, L, D), seed=3)
+  loss = lambda params_, x_: jnp.sum(apply(params_, x_) * cotangent)
+  grad_params, grad_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+  leaves = jax.tree_util.tree_flatten_with_path(grad_params)[0]
+  assert leaves, "a mixer without parameters"
+  for path, g in [*leaves, (("input",), grad_x)]:
+    g = np.asarray(g)
+    assert np.isfinite(g).all(), f"non-finite gradient at {jax.tree_util.keystr(path)}"
+    assert np.abs(g).max() > 0, f"no gradient reaches {jax.tree_util.keystr(path)}"
+
+
+@pytest.mark.parametrize("example", EXAMPLES_WITH_STATE_FORMULA)
+def test_state_size_is_the_documented_formula(example):
+  for d_model, seq_len in [(D, L), (32, 40)]:
+    size = mixers.state_size(example.mixer, d_model=d_model, seq_len=seq_len, layer_idx=example.layer_idx)
+    assert type(size) is int and size == example.state_size(d_model, seq_len), (d_model, seq_len, size)
+
+
+# ------------------------------------------------------------------------------- per registered name
+
+
+@pytest.mark.parametrize("name", mixers.names())
+def test_builds_from_defaults_with_a_positive_state_size(name):
+  for layer_idx in range(N_LAYERS):
+    apply, params = functional(build({"name": name}, layer_idx))
+    out = jax.eval_shape(apply, params, jax.ShapeDtypeStruct((B, L, D), jnp.float32))
+    assert (out.shape, out.dtype) == ((B, L, D), jnp.float32), (layer_idx, out)
+    size = mixers.state_size({"name": name}, d_model=D, seq_len=L, layer_idx=layer_idx)
+    assert type(size) is int and size > 0, (layer_idx, size)
+
+
+@pytest.mark.parametrize("name", mixers.names())
+def test_unknown_hparam_is_a_one_line_value_error(name):
+  with pytest.raises(ValueError) as err:
+    mixers.parse({"name": name, "kernel_sise": 3})
+  message = str(err.value)
+  assert message.startswith("model.mixer.kernel_sise is not a hyperparameter") and "\n" not in message
+
+
+def test_python_m_zoo_jax_mixers_lists_every_mixer():
+  result = subprocess.run([sys.executable, "-m", "zoo_jax.mixers"], cwd=REPO, capture_output=True,
+                          text=True, check=True, timeout=120)
+  first_words = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
+  for name in mixers.names():
+    assert name in first_words, result.stdout
+    assert mixers.get(name).state_size_formula in result.stdout, name
+
+
+# ------------------------------------------------------------------------------------- known mixers
+
+BAD_HPARAMS = [  # (config, the field its one-line error must name)
+    ({"name": "attention", "num_heads": 0}, "model.mixer.num_heads"),
+    ({"name": "attention", "num_heads": True}, "model.mixer.num_heads"),
+    ({"name": "attention", "num_heads": 1.0}, "model.mixer.num_heads"),
+    ({"name": "base_conv", "kernel_size": 0}, "model.mixer.kernel_size"),
+    ({"name": "base_conv", "kernel_size": [3, -2]}, "model.mixer.kernel_size"),
+    ({"name": "base_conv", "kernel_size": []}, "model.mixer.kernel_size"),
+    ({"name": "base_conv", "kernel_size": "3"}, "model.mixer.kernel_size"),
+    ({"name": "base_conv", "implicit_d_emb": 4}, "model.mixer.implicit_d_emb"),
+    ({"name": "base_conv", "implicit_d_hidden": 0}, "model.mixer.implicit_d_hidden"),
+    ({"name": "base_conv", "use_act": 1}, "model.mixer.use_act"),
+    ({"name": "hybrid", "mixers": []}, "model.mixer.mixers"),
+    ({"name": "hybrid", "mixers": {"name": "attention"}}, "model.mixer.mixers"),
+    ({"name": "hybrid", "mixers": [{"name": "attention", "num_heads": 0}]}, "model.mixer.mixers[0].num_heads"),
+    ({"name": "hybrid", "mixers": [BASE_CONV_K3, {"name": "mamba"}]}, "model.mixer.mixers[1].name"),
+    ({"name": "mamba"}, "model.mixer.name"),
+    ({"kernel_size": 3}, "model.mixer.name"),
+]
+
+
+@pytest.mark.parametrize("cfg,field", BAD_HPARAMS, ids=[str(cfg) for cfg, _ in BAD_HPARAMS])
+def test_bad_hparams_are_one_line_value_errors_naming_the_field(cfg, field):
+  with pytest.raises(ValueError) as err:
+    mixers.parse(cfg)
+  message = str(err.value)
+  assert message.startswith(field) and "\n" not in message, message
+
+
+@pytest.mark.parametrize("cfg,layer_idx,field", [
+    ({"name": "attention", "num_heads": 3}, 0, "model.mixer.num_heads"),  # does not divide d_model = 16
+    ({"name": "base_conv", "kernel_size": [3]}, 1, "model.mixer.kernel_size"),  # no entry for layer 1
+])
+def test_hparams_that_fail_only_at_build_are_value_errors(cfg, layer_idx, field):
+  mixers.parse(cfg)  # fine on their own: the error needs d_model / the layer index
+  with pytest.raises(ValueError) as err:
+    build(cfg, layer_idx)
+  assert str(err.value).startswith(field) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kernel_size,layer_idx,implicit,conv_cls,state", [
+    (3, 0, True, layers.ShortConvolution, D * 2),
+    (1, 0, True, layers.ShortConvolution, 0),
+    ([3, -1], 0, True, layers.ShortConvolution, D * 2),
+    ([3, -1], 1, True, layers.ImplicitLongConvolution, D * L),
+    ([3, -1], 1, False, layers.LongConvolution, D * L),
+    (L, 0, True, layers.ImplicitLongConvolution, D * L),  # a "short" conv as long as the sequence is long
+])
+def test_base_conv_builds_the_conv_its_state_size_describes(kernel_size, layer_idx, implicit, conv_cls,
+                                                            state):
+  cfg = {"name": "base_conv", "kernel_size": kernel_size, "implicit_long_conv": implicit}
+  module = build(cfg, layer_idx)
+  assert type(module.conv) is conv_cls
+  if conv_cls is layers.ShortConvolution:
+    chex.assert_shape(module.conv.w_kc[...], (state // D + 1, D))
+  assert mixers.state_size(cfg, d_model=D, seq_len=L, layer_idx=layer_idx) == state
+
+
+def test_hybrid_cycles_its_mixers_over_layers():
+  cfg = {"name": "hybrid", "mixers": [BASE_CONV_K3, {"name": "attention"}]}
+  for layer_idx in range(4):
+    module = build(cfg, layer_idx)
+    expected_name, expected_state = [("base_conv", D * 2), ("attention", 2 * D * L)][layer_idx % 2]
+    assert module.mixer.mixer_name == expected_name, layer_idx
+    assert mixers.state_size(cfg, d_model=D, seq_len=L, layer_idx=layer_idx) == expected_state
+
+
+# ------------------------------------------------------------------- a mixer registered by a test
+
+
+DUMMY = "test_cumulative_mean"
+
+
+@dataclasses.dataclass(frozen=True)
+class CumulativeMeanConfig:
+  scale: float = 1.0
+  reverse: bool = False  # True: anti-causal, to show the causality test fails on it
+
+
+class CumulativeMean(nnx.Module):
+  """y[t] = w ⊙ mean_{s<=t} x[s], w initialised to `scale`. State: the running sum, d."""
+
+  def __init__(self, cfg, *, d_model, seq_len, layer_idx, n_layers, dtype, rngs):
+    self.w_d = nnx.Param(jnp.full((d_model,), cfg.scale, jnp.float32))
+    self.reverse = cfg.reverse
+    self.dtype = dtype
+
+  @staticmethod
+  def state_size(cfg, d_model, seq_len, layer_idx):
+    return d_model
+
+  def __call__(self, x_bld):
+    x_bld = x_bld[:, ::-1] if self.reverse else x_bld
+    y_bld = jnp.cumsum(x_bld, axis=1) / jnp.arange(1, x_bld.shape[1] + 1)[:, None]
+    y_bld = y_bld[:, ::-1] if self.reverse else y_bld
+    return (y_bld * self.w_d[...]).astype(self.dtype)
+
+
+@pytest.fixture
+def registered_dummy(monkeypatch):
+  """Registers `CumulativeMean` as DUMMY in a copy of the registry, restored after the test."""
+  monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+  registry.register(DUMMY, hparams=CumulativeMeanConfig, state_size_formula="d (running sum)")(
+      CumulativeMean)
+  return DUMMY
+
+
+def test_a_newly_registered_mixer_is_picked_up(registered_dummy):
+  assert DUMMY not in {p.values[0].mixer["name"] for p in EXAMPLES}  # registered after collection
+  found = examples()
+  assert [e.id for e in found if e.mixer["name"] != DUMMY] == [p.id for p in EXAMPLES]
+  (example,) = [e for e in found if e.mixer["name"] == DUMMY]
+  assert example.mixer == {"name": DUMMY}
+  # ... and the parameterized tests, run on it, pass.
+  for dtype in (jnp.float32, jnp.bfloat16):
+    test_output_has_the_input_shape_and_dtype(example, dtype)
+  test_bfloat16_output_is_close_to_float32(example)
+  test_causal_by_gradient(example)
+  test_gradients_are_finite_and_reach_every_parameter(example)
+  test_builds_from_defaults_with_a_positive_state_size(DUMMY)
+  test_unknown_hparam_is_a_one_line_value_error(DUMMY)
+
+
+@pytest.mark.parametrize("hparams,message", [
+    pytest.param({"reverse": True}, "depends on the future", id="anti_causal"),
+    pytest.param({"scale": 0.0}, "does not depend on x", id="zero_output"),
+])
+def test_causality_test_fails_on_a_leaky_or_dead_mixer(registered_dummy, hparams, message):
+  with pytest.raises(AssertionError, match=message):
+    test_causal_by_gradient(Example("bad", {"name": DUMMY, **hparams}))
