@@ -231,7 +231,13 @@ BAD_MODEL_OPTIONS = [  # (options, the key its one-line error must name)
     (dict(dtype="float16"), "model.dtype"),
     (dict(mixer={"name": "mamba"}), "model.mixer.name"),
     (dict(mixer={"name": "attention", "heads": 2}), "model.mixer.heads"),
+    (dict(learned_positions="yes"), "model.learned_positions"),
 ]
+
+
+def test_from_config_names_a_missing_required_key():
+  with pytest.raises(ValueError, match=r"^model\.d_model is missing"):
+    ModelConfig.from_config(dict(n_layers=N_LAYERS, mixer=ATTENTION), vocab_size=V, seq_len=L)
 
 
 @pytest.mark.parametrize("options,key", BAD_MODEL_OPTIONS, ids=[key for _, key in BAD_MODEL_OPTIONS])

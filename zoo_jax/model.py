@@ -54,6 +54,10 @@ class ModelConfig:
     for key in cfg:
       if key not in accepted:
         raise ValueError(f"model.{key} is not a model option; accepted: {sorted(accepted)}")
+    required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING} - {"vocab_size", "seq_len"}
+    for key in sorted(required - set(cfg)):
+      raise ValueError(f"model.{key} is missing from the config")
     out = cls(vocab_size=vocab_size, seq_len=seq_len, **cfg)
     out.validate()
     return out
@@ -63,6 +67,8 @@ class ModelConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+    if not isinstance(self.learned_positions, bool):
+      raise ValueError(f"model.learned_positions must be true or false, got {self.learned_positions!r}")
     if self.state_mixer not in STATE_MIXERS:
       raise ValueError(f"model.state_mixer must be one of {STATE_MIXERS}, got {self.state_mixer!r}")
     if self.block not in BLOCKS:
