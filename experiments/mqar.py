@@ -9,7 +9,6 @@ checkpoints/, summary.json); the table is also written to `<workdir>/results.md`
 workdir resumes unfinished runs from their checkpoints and reports finished ones.
 """
 
-import json
 import os
 import sys
 
@@ -46,19 +45,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
                                required=True)
 
 
-def run_configs(config) -> dict:
-  """{run name: single-run config}, each validated before anything trains."""
-  base = config.to_dict()
-  runs = base.pop("runs", None) or {"run": {}}
-  out = {}
-  for name, overrides in runs.items():
-    cfg = json.loads(json.dumps(base))
-    cfg["model"].update(overrides)
-    config_lib.validate(cfg)
-    out[name] = cfg
-  return out
-
-
 def format_table(summaries: dict) -> str:
   slices = sorted({s for summary in summaries.values() for s in summary["test_slices"]},
                   key=lambda s: [int(x) for x in s[1:].split("_kv")])
@@ -78,7 +64,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # Orbax logs every checkpoint step at INFO
     logging.set_verbosity(logging.WARNING)
   try:
-    configs = run_configs(_CONFIG.value)
+    configs = config_lib.expand_runs(_CONFIG.value)
   except ValueError as e:  # a one-line message naming the key, before anything is computed or written
     sys.exit(f"error: {e}")
   summaries = {}

@@ -7,6 +7,7 @@ allocated. Mixer hyperparameters are checked by the mixer registry, model option
 """
 
 from collections.abc import Mapping
+import json
 from typing import Any
 
 import ml_collections
@@ -84,6 +85,32 @@ def _deep_merge(base: dict, override: Mapping) -> dict:
       out[key] = _deep_merge(out[key], value)
     else:
       out[key] = value
+  return out
+
+
+def expand_runs(config: Any) -> dict[str, dict]:
+  """{run name: single-run config} from a config with an optional `runs` section.
+
+  `runs` maps a run name to a partial config deep-merged into the base config, e.g. `{'attention':
+  {'model': {'mixer': {'name': 'attention'}, 'learned_positions': True}}}` (a `mixer` is replaced whole,
+  not merged); without `runs` the config is one run named 'run'. Every run is validated here, so a bad
+  run fails before any of them trains.
+  """
+  base = json.loads(json.dumps(_as_dict(config)))
+  runs = base.pop("runs", None)
+  if not runs:
+    validate(base)
+    return {"run": base}
+  out = {}
+  for name, overrides in runs.items():
+    overrides = json.loads(json.dumps(_as_dict(overrides)))
+    _check_keys(overrides, base, f"runs.{name}.")
+    cfg = _deep_merge(base, overrides)
+    try:
+      validate(cfg)
+    except ValueError as e:
+      raise ValueError(f"runs.{name}: {e}") from None
+    out[name] = cfg
   return out
 
 

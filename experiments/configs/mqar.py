@@ -1,50 +1,69 @@
-r"""MQAR on CPU: attention against BaseConv, as in the paper's Figure 2 but small enough for a laptop.
+r"""MQAR on CPU: attention against BaseConv at one width, in a few minutes on 2 cores.
 
-  python experiments/mqar.py --config=experiments/configs/mqar.py --workdir=/tmp/zoo_jax_mqar
+  python experiments/mqar.py --workdir=/tmp/zoo_jax_mqar                    # this config, all runs
+  python experiments/mqar.py --config=experiments/configs/mqar.py:attention --workdir=/tmp/attn
 
-The argument after the colon picks the runs (comma-separated names of `RUNS`), default
-`attention,base_conv`: `--config=experiments/configs/mqar.py:attention`. Any key can be overridden,
-`--config.model.d_model=128`, `--config.train.learning_rate=3e-3`, `--config.runs.attention.mixer.num_heads=2`.
+The argument after the colon picks runs of `RUNS` (comma-separated), default all of them. Each run is a
+partial config merged into the base below, so a run may change the model and the data. Overrides reach
+any key: `--config.model.d_model=64`, `--config.train.learning_rate=1e-3`,
+`--config.runs.attention.model.mixer.num_heads=2`.
 
-Each run trains the same data with the model settings of its `RUNS` entry merged into `model`; Figure-2
-settings from Zoology: attention with 1 head and learned positions, BaseConv with kernels [3, long
-implicit] and no positions, 2 layers, no MLP between mixers (Zoology's block), AdamW with weight decay 0.1,
-cosine decay, no warmup. Sizes are cut for 2 CPU cores: vocabulary 8192 as in the paper, one segment
-L = 64 with 4 kv pairs for training, and validation/test also at L = 128 (8 kv pairs), where a fixed-width
-gated convolution is expected to fall behind attention.
+What it shows, at the sizes 2 CPU cores allow (stated because they differ from the paper's Figure 2):
+attention (1 head, learned positions) and BaseConv (kernels [3, long implicit], no positions), both
+2 layers of width 128 with no MLP between mixers (Zoology's block), trained on 40,000 MQAR examples for
+up to 12 epochs of batch 64, AdamW (weight decay 0.1), lr 3e-3 with cosine decay; vocabulary 128 instead
+of the paper's 8192, and sequences of 32 tokens with 4 kv pairs (attention, BaseConv) and 64 tokens with
+8 kv pairs (BaseConv at the longer length). Early stop once validation accuracy exceeds 0.99.
+
+Measured on 2 CPU cores (see the foundation issue's note): attention reaches >= 0.99 validation accuracy
+at L = 32 within 4 epochs, about a minute; BaseConv of the same width stays far below within the same
+budget, and lower still at L = 64. MQAR learning is sensitive to the number of examples: with 8,000
+examples or width 64, attention stalls near 0.27-0.77 in this budget.
 """
 
 import ml_collections
 
 from zoo_jax import config as config_lib
 
+
+def _segments(seq_len: int, num_kv_pairs: int, num_examples: int) -> list[dict]:
+  return [dict(seq_len=seq_len, num_kv_pairs=num_kv_pairs, num_examples=num_examples)]
+
+
+def _data(seq_len: int, num_kv_pairs: int) -> dict:
+  return dict(train_segments=_segments(seq_len, num_kv_pairs, 40_000),
+              validation_segments=_segments(seq_len, num_kv_pairs, 1_000),
+              test_segments=_segments(seq_len, num_kv_pairs, 1_000))
+
+
+ATTENTION = dict(mixer=dict(name="attention", num_heads=1), learned_positions=True)
+BASE_CONV = dict(mixer=dict(name="base_conv", kernel_size=[3, -1], implicit_long_conv=True),
+                 learned_positions=False)
+HYBRID = dict(mixer=dict(name="hybrid", mixers=[dict(name="base_conv", kernel_size=3),
+                                                dict(name="attention")]), learned_positions=False)
+
 RUNS = {
-    "attention": dict(mixer=dict(name="attention", num_heads=1), learned_positions=True),
-    "base_conv": dict(mixer=dict(name="base_conv", kernel_size=[3, -1], implicit_long_conv=True),
-                      learned_positions=False),
-    "hybrid": dict(mixer=dict(name="hybrid", mixers=[dict(name="base_conv", kernel_size=3),
-                                                     dict(name="attention")]), learned_positions=False),
+    "attention": dict(model=ATTENTION, data=_data(32, 4)),
+    "base_conv": dict(model=BASE_CONV, data=_data(32, 4)),
+    "base_conv_L64": dict(model=BASE_CONV, data=_data(64, 8)),
+    "hybrid": dict(model=HYBRID, data=_data(32, 4)),
 }
+DEFAULT_RUNS = "attention,base_conv,base_conv_L64"
 
 
-def get_config(arg: str = "attention,base_conv") -> ml_collections.ConfigDict:
-  names = [n for n in (arg or "attention,base_conv").split(",") if n]
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  names = [n for n in (arg or DEFAULT_RUNS).split(",") if n]
   for name in names:
     if name not in RUNS:
       raise ValueError(f"config argument names unknown run {name!r}; accepted: {sorted(RUNS)}")
   config = config_lib.defaults()
-  config.data.vocab_size = 8192
-  config.data.train_segments = [dict(seq_len=64, num_kv_pairs=4, num_examples=10_000),
-                                dict(seq_len=128, num_kv_pairs=8, num_examples=10_000)]
-  config.data.validation_segments = [dict(seq_len=64, num_kv_pairs=4, num_examples=1_000),
-                                     dict(seq_len=128, num_kv_pairs=8, num_examples=1_000)]
-  config.data.test_segments = [dict(seq_len=64, num_kv_pairs=4, num_examples=1_000),
-                               dict(seq_len=128, num_kv_pairs=8, num_examples=1_000)]
-  config.model.d_model = 64
-  config.train.epochs = 8
+  config.data.vocab_size = 128
+  config.data.update(_data(32, 4))
+  config.model.d_model = 128
+  config.train.epochs = 12
   config.train.batch_size = 64
   config.train.eval_batch_size = 500
-  config.train.learning_rate = 1e-3
-  config.train.log_every_steps = 100
+  config.train.learning_rate = 3e-3
+  config.train.log_every_steps = 125
   config.runs = {name: RUNS[name] for name in names}
   return config
