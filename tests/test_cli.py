@@ -16,7 +16,7 @@ BINARY = os.path.join(REPO, "experiments", "mqar.py")
     ("--config.train.learning_rate=-1", "train.learning_rate must be in (0.0, 10.0]"),
     ("--config.model.d_model=0", "model.d_model must be a positive integer"),
     ("--config.runs.attention.model.mixer.num_heads=0", "model.mixer.num_heads must be >= 1"),
-    ("--config.data.vocab_size=100", "vocab_size must be > seq_len"),
+    ("--config.data.vocab_size=20", "vocab_size must be > seq_len"),
     ("--config.train.schedule=linear", "train.schedule must be one of"),
 ])
 def test_bad_override_fails_at_start_up_naming_the_key(tmp_path, override, expected):
