@@ -5,8 +5,9 @@
 Hyperparameters (Zoology's `MHA` defaults): `num_heads` = 1. Zoology's Figure-2 runs pair it with learned
 absolute positions, which live in the model (`model.learned_positions`), not here.
 
-Differences from Zoology's PyTorch `MHA`: no attention dropout (Zoology's MQAR configs set it to 0); the
-softmax is `jax.nn.dot_product_attention`, which XLA fuses, and on GPU can use cuDNN.
+Differences from Zoology's PyTorch `MHA`: no attention dropout (Zoology's `MHA` takes a `dropout` rate,
+which its MQAR attention configs set; zoo_jax trains without dropout everywhere); the softmax is
+`jax.nn.dot_product_attention`, which XLA fuses, and on GPU can use cuDNN.
 
 State: the KV cache, 2·d·L elements per example per layer.
 """
