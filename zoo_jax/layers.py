@@ -73,6 +73,32 @@ class ShortConvolution(nnx.Module):
     y_bld = sum(padded[:, j:j + length] * w_kc[j] for j in range(k))
     return y_bld + self.b_c[...].astype(self.dtype)
 
+  def init_state(self, batch_size: int) -> dict[str, jax.Array]:
+    """The last k-1 inputs, (b, k-1, d), zeros before the sequence starts."""
+    return dict(window=jnp.zeros((batch_size, self.kernel_size - 1, self.w_kc.shape[1]), jnp.float32))
+
+  def step(self, state: dict[str, jax.Array], u_bd: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
+    window_bkd = jnp.concatenate([state["window"], u_bd[:, None].astype(jnp.float32)], axis=1)
+    y_bd = jnp.einsum("bkd,kd->bd", window_bkd, self.w_kc[...].astype(jnp.float32)) + self.b_c[...]
+    return dict(window=window_bkd[:, 1:]), y_bd.astype(self.dtype)
+
+
+def long_conv_init_state(batch_size: int, seq_len: int, d_model: int) -> dict[str, jax.Array]:
+  """Recurrent state of a long convolution: the whole input history (b, L, d) and the position."""
+  return dict(history=jnp.zeros((batch_size, seq_len, d_model), jnp.float32),
+              t=jnp.zeros((batch_size,), jnp.int32))
+
+
+def long_conv_step(state: dict[str, jax.Array], u_bd: jax.Array, h_lc: jax.Array):
+  """One token of y[t] = sum_{s<=t} h[t-s] u[s] + u[t]: O(L·d) per token, the cost of a long filter's state."""
+  t_b = state["t"]
+  history_bld = jax.vmap(lambda hist, t, u: hist.at[t].set(u))(state["history"], t_b,
+                                                              u_bd.astype(jnp.float32))
+  lags_bl = t_b[:, None] - jnp.arange(h_lc.shape[0])[None]  # h index for each stored position
+  h_bld = jnp.where((lags_bl >= 0)[..., None], h_lc.astype(jnp.float32)[jnp.maximum(lags_bl, 0)], 0.0)
+  y_bd = (h_bld * history_bld).sum(axis=1) + u_bd.astype(jnp.float32)
+  return dict(history=history_bld, t=t_b + 1), y_bd.astype(u_bd.dtype)
+
 
 class LongConvolution(nnx.Module):
   """Explicit long convolution: one free filter of length L per channel, applied by FFT, plus u.
@@ -91,6 +117,13 @@ class LongConvolution(nnx.Module):
   def __call__(self, u_bld: jax.Array) -> jax.Array:
     y_bld = long_conv.causal_conv(u_bld, self.filter(u_bld.shape[1]))
     return (y_bld + u_bld).astype(self.dtype)
+
+  def init_state(self, batch_size: int) -> dict[str, jax.Array]:
+    return long_conv_init_state(batch_size, *self.h_lc.shape)
+
+  def step(self, state, u_bd):
+    state, y_bd = long_conv_step(state, u_bd, self.h_lc[...])
+    return state, y_bd.astype(self.dtype)
 
 
 def positional_features(seq_len: int, emb_dim: int) -> jax.Array:
@@ -125,6 +158,13 @@ class ImplicitLongConvolution(nnx.Module):
   def __call__(self, u_bld: jax.Array) -> jax.Array:
     y_bld = long_conv.causal_conv(u_bld, self.filter(u_bld.shape[1]))
     return (y_bld + u_bld).astype(self.dtype)
+
+  def init_state(self, batch_size: int) -> dict[str, jax.Array]:
+    return long_conv_init_state(batch_size, self.seq_len, self.fc2.out_features)
+
+  def step(self, state, u_bd):
+    state, y_bd = long_conv_step(state, u_bd, self.filter(self.seq_len))
+    return state, y_bd.astype(self.dtype)
 
 
 class MLP(nnx.Module):

@@ -40,6 +40,8 @@ class Attention(nnx.Module):
     if d_model % cfg.num_heads:
       raise ValueError(f"model.mixer.num_heads must divide model.d_model ({d_model}), got {cfg.num_heads}")
     self.num_heads = cfg.num_heads
+    self.seq_len = seq_len
+    self.d_model = d_model
     self.qkv_proj = layers.linear(d_model, 3 * d_model, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
     self.out_proj = layers.linear(d_model, d_model, axes=("heads", "embed"), rngs=rngs, dtype=dtype,
                                   std=layers.out_proj_std(n_layers))
@@ -54,3 +56,22 @@ class Attention(nnx.Module):
     q_blhk, k_blhk, v_blhk = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     y_blhk = jax.nn.dot_product_attention(q_blhk, k_blhk, v_blhk, is_causal=True)
     return self.out_proj(y_blhk.reshape(b, l, d))
+
+  def init_state(self, batch_size: int) -> dict[str, jax.Array]:
+    """The KV cache for L positions, (b, L, h, d/h) each, and the position."""
+    shape = (batch_size, self.seq_len, self.num_heads, self.d_model // self.num_heads)
+    return dict(k=jnp.zeros(shape, jnp.float32), v=jnp.zeros(shape, jnp.float32),
+                t=jnp.zeros((batch_size,), jnp.int32))
+
+  def step(self, state: dict[str, jax.Array], x_bd: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
+    """One token: append k, v to the cache and attend over the positions filled so far."""
+    b, d = x_bd.shape
+    qkv = self.qkv_proj(x_bd).astype(jnp.float32).reshape(b, 3, self.num_heads, d // self.num_heads)
+    t_b = state["t"]
+    put = jax.vmap(lambda cache, t, new: cache.at[t].set(new))
+    k_blhk, v_blhk = put(state["k"], t_b, qkv[:, 1]), put(state["v"], t_b, qkv[:, 2])
+    mask_1l = jnp.arange(self.seq_len)[None] <= t_b[:, None]
+    y_bhk = jax.nn.dot_product_attention(qkv[:, None, 0], k_blhk, v_blhk,
+                                         mask=mask_1l[:, None, None, :])[:, 0]
+    y_bd = self.out_proj(y_bhk.reshape(b, d).astype(x_bd.dtype))
+    return dict(k=k_blhk, v=v_blhk, t=t_b + 1), y_bd

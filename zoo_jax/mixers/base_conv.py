@@ -82,8 +82,18 @@ class BaseConv(nnx.Module):
     return d_model * (seq_len if k >= seq_len else k - 1)
 
   def __call__(self, u_bld: jax.Array) -> jax.Array:
-    u_conv = self.conv(u_bld)
-    u_proj = self.projection(u_bld)
+    return self._gate(self.conv(u_bld), u_bld)
+
+  def _gate(self, u_conv: jax.Array, u: jax.Array) -> jax.Array:
+    u_proj = self.projection(u)
     if self.use_act:
       u_conv, u_proj = jax.nn.silu(u_conv), jax.nn.silu(u_proj)
-    return u_conv * u_proj + u_bld
+    return u_conv * u_proj + u
+
+  def init_state(self, batch_size: int) -> Any:
+    return self.conv.init_state(batch_size)
+
+  def step(self, state: Any, u_bd: jax.Array) -> tuple[Any, jax.Array]:
+    """One token of the recurrent form: the conv's state (last k-1 inputs, or the whole history)."""
+    state, u_conv = self.conv.step(state, u_bd)
+    return state, self._gate(u_conv, u_bd)

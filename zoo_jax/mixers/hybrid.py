@@ -46,3 +46,9 @@ class Hybrid(nnx.Module):
 
   def __call__(self, x_bld: jax.Array) -> jax.Array:
     return self.mixer(x_bld)
+
+  def init_state(self, batch_size: int) -> Any:
+    return self.mixer.init_state(batch_size)
+
+  def step(self, state: Any, x_bd: jax.Array) -> tuple[Any, jax.Array]:
+    return self.mixer.step(state, x_bd)

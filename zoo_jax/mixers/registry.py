@@ -11,6 +11,14 @@ out of range fails before any compute, naming the key (`model.mixer.kernel_size 
 Every mixer also states the size of its recurrent state, in elements per example for one layer, as a
 formula (printed by `python -m zoo_jax.mixers`) and as a function of `(hparams, d_model, seq_len,
 layer_idx)`.
+
+A mixer with a recurrent form also defines
+
+    init_state(batch_size) -> state          # a pytree; float32 leaves (b, ...) plus integer counters
+    step(state, x_bd) -> (state, y_bd)       # one token
+
+and the tests check, for every registered mixer that has them, that scanning `step` over a sequence
+gives the parallel output and that `state_size` equals the floating-point elements of `init_state(1)`.
 """
 
 from __future__ import annotations
