@@ -54,7 +54,7 @@ def format_table(summaries: dict) -> str:
   for name, s in summaries.items():
     rows.append([name, str(s["d_model"]), f"{s['num_params']:,}", f"{s['state_size']:,}",
                  f"{s['validation_accuracy']:.3f}", f"{s['test_accuracy']:.3f}",
-                 *(f"{s['test_slices'].get(sl, float('nan')):.3f}" for sl in slices),
+                 *(f"{s['test_slices'][sl]:.3f}" if sl in s["test_slices"] else "–" for sl in slices),
                  str(s["best_epoch"]), f"{s['tokens_per_sec']:,.0f}", f"{s['train_seconds']:.0f}"])
   return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
