@@ -303,8 +303,8 @@ BAD_HPARAMS = [  # (config, the field its one-line error must name)
     ({"name": "hybrid", "mixers": []}, "model.mixer.mixers"),
     ({"name": "hybrid", "mixers": {"name": "attention"}}, "model.mixer.mixers"),
     ({"name": "hybrid", "mixers": [{"name": "attention", "num_heads": 0}]}, "model.mixer.mixers[0].num_heads"),
-    ({"name": "hybrid", "mixers": [BASE_CONV_K3, {"name": "mamba"}]}, "model.mixer.mixers[1].name"),
-    ({"name": "mamba"}, "model.mixer.name"),
+    ({"name": "hybrid", "mixers": [BASE_CONV_K3, {"name": "no_such_mixer"}]}, "model.mixer.mixers[1].name"),
+    ({"name": "no_such_mixer"}, "model.mixer.name"),
     ({"kernel_size": 3}, "model.mixer.name"),
 ]
 

@@ -229,7 +229,7 @@ BAD_MODEL_OPTIONS = [  # (options, the key its one-line error must name)
     (dict(state_mixer_hidden_mult=0), "model.state_mixer_hidden_mult"),
     (dict(block="postnorm"), "model.block"),
     (dict(dtype="float16"), "model.dtype"),
-    (dict(mixer={"name": "mamba"}), "model.mixer.name"),
+    (dict(mixer={"name": "no_such_mixer"}), "model.mixer.name"),
     (dict(mixer={"name": "attention", "heads": 2}), "model.mixer.heads"),
     (dict(learned_positions="yes"), "model.learned_positions"),
 ]
