@@ -1,0 +1,65 @@
+"""Blocked causal softmax attention: causal attention inside non-overlapping blocks of b tokens.
+
+    q, k, v = split(x W_qkv + b_qkv);   y_i = softmax_{j <= i, ⌊j/b⌋ = ⌊i/b⌋}(q_i k_jᵀ / sqrt(d_head)) v;
+    out = y W_o + b_o
+
+The first token of each block sees only itself; a block never sees the block before it.
+
+Hyperparameters: `num_heads` = 1 (as Zoology's attention baselines), `block_size` b = 64. Zoology has no
+non-overlapping block-attention mixer; its nearest relatives are `SlidingAttn` (a window that slides
+with the query, here `sliding_window`) and the lucidrains `LocalAttention` inside its NSA mixer (buckets
+that also look one bucket back). b = 64 matches `sliding_window`'s default window. b >= L is full causal
+attention.
+
+Computed block by block (the sequence padded at the end to a multiple of b, padding discarded), so the
+parallel form costs O(L·b·d), not O(L²·d).
+
+State: the keys and values of the current block, reset (overwritten, masked) at block boundaries:
+2·d·min(b, L) elements per example.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from zoo_jax.mixers import registry
+from zoo_jax.mixers._local_attention import LocalAttention, validate_at_least_one
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockedConfig:
+  num_heads: int = 1
+  block_size: int = 64
+
+  def validate(self, field: str) -> None:
+    validate_at_least_one(field, num_heads=self.num_heads, block_size=self.block_size)
+
+
+@registry.register("blocked", hparams=BlockedConfig,
+                   state_size_formula="2·d·min(b, L) (KV cache of the current block of size b)")
+class BlockedAttention(LocalAttention):
+
+  @staticmethod
+  def cache_len(cfg: BlockedConfig, seq_len: int) -> int:
+    return min(cfg.block_size, seq_len)  # the current block
+
+  @staticmethod
+  def state_size(cfg: BlockedConfig, d_model: int, seq_len: int, layer_idx: int) -> int:
+    return 2 * d_model * BlockedAttention.cache_len(cfg, seq_len)
+
+  def __call__(self, x_bld: jax.Array) -> jax.Array:
+    b, l, d = x_bld.shape
+    block = min(self.hparams.block_size, l)
+    n_blocks = -(-l // block)
+    # Padding goes after the last real token, so causal masking keeps it away from every real query.
+    x_bld = jnp.pad(x_bld, ((0, 0), (0, n_blocks * block - l), (0, 0)))
+    to_blocks = lambda t_blhk: t_blhk.reshape(b * n_blocks, block, *t_blhk.shape[2:])
+    q, k, v = map(to_blocks, self.qkv_blhk(x_bld))
+    y_blhk = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, n_blocks * block, d)
+    return self.out_proj(y_blhk[:, :l])
+
+  def cache_view(self, state: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Token t goes to slot t mod b: a new block overwrites the old one from slot 0, and the slots past
+    t mod b, still holding the previous block, are masked."""
+    return dict(state, t=state["t"] % self.hparams.block_size)

@@ -1,0 +1,64 @@
+"""Sliding-window causal softmax attention: query i sees the keys j with i − w <= j <= i.
+
+    q, k, v = split(x W_qkv + b_qkv);   y_i = softmax_{i−w <= j <= i}(q_i k_jᵀ / sqrt(d_head)) v;
+    out = y W_o + b_o
+
+so each query sees w + 1 keys (fewer near the start), as in Zoology's `SlidingAttn`, which masks the keys
+j < i − block_size and j > i.
+
+Hyperparameters: `num_heads` = 1 (Zoology's `SlidingAttn` is single-head); `window_size` w = 64
+(Zoology's class default `block_size` is 256; its MQAR sweeps, `add_sliding_window` in its experiment
+configs, use w ∈ {8, 16, ..., 1024} at d_model 128, paired with a short BaseConv in a `Hybrid`). A window
+w >= L − 1 is full causal attention.
+
+Differences from Zoology's PyTorch `SlidingAttn`: masked keys get −inf (through
+`jax.nn.dot_product_attention`'s `local_window_size`) rather than an additive −10000, so they get exactly
+zero weight; `num_heads` may be > 1; no attention dropout (Zoology's configs set it to 0).
+
+State: a shift register of the last min(w + 1, L) keys and values, 2·d·min(w + 1, L) elements per example.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from zoo_jax.mixers import registry
+from zoo_jax.mixers._local_attention import LocalAttention, validate_at_least_one
+
+
+@dataclasses.dataclass(frozen=True)
+class SlidingWindowConfig:
+  num_heads: int = 1
+  window_size: int = 64
+
+  def validate(self, field: str) -> None:
+    validate_at_least_one(field, num_heads=self.num_heads, window_size=self.window_size)
+
+
+@registry.register("sliding_window", hparams=SlidingWindowConfig,
+                   state_size_formula="2·d·min(w+1, L) (KV cache of the last w+1 tokens)")
+class SlidingWindowAttention(LocalAttention):
+
+  @staticmethod
+  def cache_len(cfg: SlidingWindowConfig, seq_len: int) -> int:
+    return min(cfg.window_size + 1, seq_len)  # the last w + 1 tokens, in order
+
+  @staticmethod
+  def state_size(cfg: SlidingWindowConfig, d_model: int, seq_len: int, layer_idx: int) -> int:
+    return 2 * d_model * SlidingWindowAttention.cache_len(cfg, seq_len)
+
+  def __call__(self, x_bld: jax.Array) -> jax.Array:
+    b, l, d = x_bld.shape
+    q_blhk, k_blhk, v_blhk = self.qkv_blhk(x_bld)
+    y_blhk = jax.nn.dot_product_attention(q_blhk, k_blhk, v_blhk, is_causal=True,
+                                         local_window_size=(self.hparams.window_size, 0))
+    return self.out_proj(y_blhk.reshape(b, l, d))
+
+  def cache_view(self, state: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Until the cache is full, token t goes to slot t; from then on the oldest token is shifted out and
+    t goes to the last slot, so the n = min(w + 1, L) slots hold tokens t − n + 1 .. t, all in the window."""
+    n, t_b = self.seq_len, state["t"]
+    full_b11 = (t_b >= n)[:, None, None, None]
+    shift = lambda cache_bnhk: jnp.where(full_b11, jnp.roll(cache_bnhk, -1, axis=1), cache_bnhk)
+    return dict(k=shift(state["k"]), v=shift(state["v"]), t=jnp.minimum(t_b, n - 1))
