@@ -142,6 +142,21 @@ def test_block_follows_its_equations(block, state_mixer):
   chex.assert_trees_all_close(out, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_mamba_block_is_one_rmsnorm_branch():
+  model = make_model({"name": "mamba"}, block="mamba")
+  layer = model.blocks[1]
+  assert isinstance(layer.norm1, nnx.RMSNorm) and layer.norm2 is None and layer.state_mixer is None
+
+  def both(layer_, x):
+    return layer_(x), x + layer_.mixer(layer_.norm1(x))
+
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, L, D)), jnp.float32)
+  out, expected = nnx.jit(both)(layer, x)
+  chex.assert_trees_all_close(out, expected, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match=r"^model\.state_mixer must be 'none' with model\.block='mamba'"):
+    make_model({"name": "mamba"}, block="mamba", state_mixer="mlp")
+
+
 @pytest.mark.parametrize("state_mixer", ["none", "mlp"])
 def test_zoology_and_prenorm_blocks_differ_only_without_a_state_mixer(state_mixer):
   zoology = make_model(block="zoology", state_mixer=state_mixer)

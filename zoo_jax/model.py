@@ -6,6 +6,7 @@ Blocks are pre-norm residual blocks, a sequence mixer then a state mixer:
 
     prenorm:  x = x + mixer(LN1(x));  x = x + state_mixer(LN2(x))        (state mixer 'none': skipped)
     zoology:  the same, except that with state mixer 'none' the second line is x = x + LN2(x).
+    mamba:    x = x + mixer(RMSNorm(x)), one branch, no state mixer (Zoology's `MambaBlock`).
 
 The `zoology` variant reproduces Zoology's `TransformerBlock`, which carries the residual stream separately
 and returns `state_mixer(LN2(residual))` with `state_mixer = Identity` when there is no MLP; the next block
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 from zoo_jax import layers, mixers
 
 STATE_MIXERS = ("none", "mlp", "glu")
-BLOCKS = ("zoology", "prenorm")
+BLOCKS = ("zoology", "prenorm", "mamba")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LN_EPS = 1e-5  # PyTorch's LayerNorm default, as in Zoology
 
@@ -73,6 +74,9 @@ class ModelConfig:
       raise ValueError(f"model.state_mixer must be one of {STATE_MIXERS}, got {self.state_mixer!r}")
     if self.block not in BLOCKS:
       raise ValueError(f"model.block must be one of {BLOCKS}, got {self.block!r}")
+    if self.block == "mamba" and self.state_mixer != "none":
+      raise ValueError(f"model.state_mixer must be 'none' with model.block='mamba' (Zoology's MambaBlock has "
+                       f"no state mixer), got {self.state_mixer!r}")
     if self.dtype not in DTYPES:
       raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
     mixers.parse(self.mixer)
@@ -88,7 +92,10 @@ class Block(nnx.Module):
   def __init__(self, cfg: ModelConfig, layer_idx: int, *, rngs: nnx.Rngs):
     dtype = DTYPES[cfg.dtype]
     d = cfg.d_model
-    self.norm1 = nnx.LayerNorm(d, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+    if cfg.block == "mamba":
+      self.norm1 = nnx.RMSNorm(d, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+    else:
+      self.norm1 = nnx.LayerNorm(d, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
     self.mixer = mixers.build(cfg.mixer, d_model=d, seq_len=cfg.seq_len, layer_idx=layer_idx,
                               n_layers=cfg.n_layers, rngs=rngs, dtype=dtype)
     needs_norm2 = cfg.state_mixer != "none" or cfg.block == "zoology"
