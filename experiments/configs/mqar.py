@@ -3,7 +3,9 @@ r"""MQAR on CPU: attention against BaseConv at one width, in a few minutes on 2 
   python experiments/mqar.py --workdir=/tmp/zoo_jax_mqar                    # this config, all runs
   python experiments/mqar.py --config=experiments/configs/mqar.py:attention --workdir=/tmp/attn
 
-The argument after the colon picks runs of `RUNS` (comma-separated), default all of them. Each run is a
+The argument after the colon picks runs of `RUNS` (comma-separated), default
+`attention,base_conv,base_conv_L64`; every Figure-2 mixer (attention, base_conv, hyena, h3, rwkv, based,
+mamba) and the other baselines (hybrid, sliding_window, blocked, s4d, retnet) have a run. Each run is a
 partial config merged into the base below, so a run may change the model and the data. Overrides reach
 any key: `--config.model.d_model=64`, `--config.train.learning_rate=1e-3`,
 `--config.runs.attention.model.mixer.num_heads=2`.
@@ -42,11 +44,39 @@ BASE_CONV = dict(mixer=dict(name="base_conv", kernel_size=[3, -1], implicit_long
 HYBRID = dict(mixer=dict(name="hybrid", mixers=[dict(name="base_conv", kernel_size=3),
                                                 dict(name="attention")]), learned_positions=False)
 
+# The paper's Figure-2 mixers as Zoology configures them (its iclr24_zoology_figure2 configs): no positions
+# except attention; H3 with d_state = L and head_dim 2; Based as the hybrid [BaseConv k=3, Based with
+# feature_dim 8, 1 head]; Mamba in Zoology's MambaBlock (one RMSNorm branch, no MLP).
+L_QUICK = 32
+
+
+def figure2_models(seq_len: int) -> dict[str, dict]:
+  return {
+      "attention": ATTENTION,
+      "base_conv": BASE_CONV,
+      "hyena": dict(mixer=dict(name="hyena"), learned_positions=False),
+      "h3": dict(mixer=dict(name="h3", d_state=seq_len, head_dim=2), learned_positions=False),
+      "rwkv": dict(mixer=dict(name="rwkv"), learned_positions=False),
+      "based": dict(mixer=dict(name="hybrid", mixers=[
+          dict(name="base_conv", kernel_size=3),
+          dict(name="based", feature_dim=8, num_heads=1, num_key_value_heads=1)]), learned_positions=False),
+      "mamba": dict(mixer=dict(name="mamba"), block="mamba", learned_positions=False),
+  }
+
+
+# Baselines beyond Figure 2 (the issue-3 zoo), at their defaults.
+OTHER_MODELS = {
+    "hybrid": HYBRID,
+    "sliding_window": dict(mixer=dict(name="sliding_window", window_size=8), learned_positions=True),
+    "blocked": dict(mixer=dict(name="blocked", block_size=8), learned_positions=True),
+    "s4d": dict(mixer=dict(name="s4d"), learned_positions=False),
+    "retnet": dict(mixer=dict(name="retnet"), learned_positions=False),
+}
+
 RUNS = {
-    "attention": dict(model=ATTENTION, data=_data(32, 4)),
-    "base_conv": dict(model=BASE_CONV, data=_data(32, 4)),
+    **{name: dict(model=model, data=_data(L_QUICK, 4))
+       for name, model in {**figure2_models(L_QUICK), **OTHER_MODELS}.items()},
     "base_conv_L64": dict(model=BASE_CONV, data=_data(64, 8)),
-    "hybrid": dict(model=HYBRID, data=_data(32, 4)),
 }
 DEFAULT_RUNS = "attention,base_conv,base_conv_L64"
 
