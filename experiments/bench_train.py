@@ -82,15 +82,23 @@ from zoo_jax.data import mqar  # pylint: disable=g-import-not-at-top
 from zoo_jax.model import LanguageModel, ModelConfig  # pylint: disable=g-import-not-at-top
 
 
+def _load_configs():
+  spec = importlib.util.spec_from_file_location("_zoo_jax_mqar_configs",
+                                                os.path.join(_EXPERIMENTS, "configs", "mqar.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+_CONFIGS = _load_configs()
+
+
 def _load_mixers() -> dict[str, dict]:
   """{run name: model settings} of experiments/configs/mqar.py RUNS (the Figure-2 mixer settings), loaded
   by path. A run is a partial config (its `model` section is taken) or, in older layouts, the model
   settings themselves; runs whose model settings repeat an earlier run's (e.g. another data size) are
   left out, since this benchmark sets the shapes itself."""
-  spec = importlib.util.spec_from_file_location("_zoo_jax_mqar_configs",
-                                                os.path.join(_EXPERIMENTS, "configs", "mqar.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = _CONFIGS
   out = {}
   for name, run in module.RUNS.items():
     model = dict(run.get("model", run))
@@ -156,8 +164,10 @@ class FullHeadLanguageModel(LanguageModel):
 
 
 def model_config(mixer: str, d_model: int, seq_len: int) -> ModelConfig:
-  model = {**config_lib.defaults().model.to_dict(), "d_model": d_model, "n_layers": N_LAYERS,
-           **MIXERS[mixer]}
+  settings = MIXERS[mixer]
+  if hasattr(_CONFIGS, "figure2_models"):  # settings that depend on L (H3's d_state = L)
+    settings = _CONFIGS.figure2_models(seq_len).get(mixer, settings)
+  model = {**config_lib.defaults().model.to_dict(), "d_model": d_model, "n_layers": N_LAYERS, **settings}
   return ModelConfig.from_config(model, vocab_size=VOCAB_SIZE, seq_len=seq_len)
 
 
@@ -291,7 +301,7 @@ def bench_one(mixer: str, d_model: int, seq_len: int, mesh, torch_ref) -> dict[s
 
   trainers: dict[str, Any] = jax_trainers(model_cfg, k, device, mesh, _SEED.value, total_steps)
   n_params = trainers["zoo_jax"].num_params
-  if torch_ref is not None:
+  if torch_ref is not None and torch_ref.has_port(model_cfg.mixer):
     trainers["torch"] = TorchTrainer(torch_ref, mixer, d_model, seq_len, host, _SEED.value)
     if trainers["torch"].num_params != n_params:
       raise ValueError(f"parameter counts differ, zoo_jax {n_params:,} vs torch port "
@@ -332,9 +342,11 @@ def format_table(rows: list[dict], with_torch: bool) -> str:
                f"{r['full_head_ms']:.0f}", _fmt_int(r["full_head_tok_s"]),
                f"{r['zoo_jax_tok_s'] / r['full_head_tok_s']:.2f}x",
                f"{r['gflop']:.3g} / {r['gflop_full']:.3g}"]
-      if with_torch:
+      if with_torch and "torch_ms" in r:
         cells += [f"{r['torch_ms']:.0f}", _fmt_int(r["torch_tok_s"]),
                   f"{r['zoo_jax_tok_s'] / r['torch_tok_s']:.2f}x"]
+      elif with_torch:
+        cells += ["–", "–", "no torch port"]
     lines.append("| " + " | ".join(cells) + " |")
   ok = [r for r in rows if "error" not in r]
   ratios = {"vs full head": "full_head"} | ({"vs torch": "torch"} if with_torch else {})
@@ -342,11 +354,14 @@ def format_table(rows: list[dict], with_torch: bool) -> str:
     lines.append("")
     for label, name in ratios.items():
       for stat, key in (("median steps", "ms"), ("fastest steps", "best_ms")):
-        values = [r[f"{name}_{key}"] / r[f"zoo_jax_{key}"] for r in ok]
+        values = [r[f"{name}_{key}"] / r[f"zoo_jax_{key}"] for r in ok if f"{name}_{key}" in r]
+        if not values:
+          continue
         lines.append(f"{label} ({stat}): min {min(values):.2f}x, median {statistics.median(values):.2f}x, "
                      f"max {max(values):.2f}x over {len(values)} rows")
     if with_torch:
-      lines.append(f"parameter counts equal (zoo_jax = torch port) in all {len(ok)} rows")
+      lines.append(f"parameter counts equal (zoo_jax = torch port) in all "
+                   f"{sum('torch_ms' in r for r in ok)} rows with a torch port")
   return "\n".join(lines)
 
 

@@ -167,6 +167,17 @@ class BaseConv(nn.Module):
     return u_conv * u_proj + u
 
 
+PORTED = ("attention", "base_conv", "hybrid")
+
+
+def has_port(cfg: Mapping[str, Any]) -> bool:
+  """Whether every mixer named in a zoo_jax mixer config has a port here."""
+  cfg = dict(cfg)
+  if cfg["name"] == "hybrid":
+    return all(has_port(sub) for sub in cfg.get("mixers", ()))
+  return cfg["name"] in PORTED
+
+
 def build_mixer(cfg: Mapping[str, Any], *, d_model: int, l_max: int, layer_idx: int,
                 attention_impl: str = "sdpa") -> nn.Module:
   """A zoo_jax mixer config dict -> the corresponding Zoology module."""
