@@ -80,6 +80,7 @@ class ModelConfig:
     if self.dtype not in DTYPES:
       raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
     mixers.parse(self.mixer)
+    self.state_size()  # per-layer hparams (e.g. a kernel_size list shorter than n_layers) fail here, at start-up
 
   def state_size(self) -> int:
     """Recurrent state of the whole model, elements per example: the sum of the layers' states."""
