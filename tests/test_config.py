@@ -4,6 +4,7 @@ each run's partial config into the base and validates every run before any train
 import pytest
 
 from zoo_jax import config as config_lib
+from zoo_jax import mixers
 
 
 def base() -> dict:
@@ -68,27 +69,14 @@ def test_validate_names_the_key_and_the_accepted_range(section, key, value, mess
     config_lib.validate(cfg)
 
 
-def _mqar_config_module():
-  import importlib.util
-  import os
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "configs",
-                      "mqar.py")
-  spec = importlib.util.spec_from_file_location("mqar_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def test_every_experiment_run_validates_and_every_mixer_has_one():
-  module = _mqar_config_module()
-  runs = config_lib.expand_runs(module.get_config(",".join(module.RUNS)))
-  assert set(runs) == set(module.RUNS)
+def test_every_experiment_run_validates_and_every_mixer_has_one(mqar_configs):
+  runs = config_lib.expand_runs(mqar_configs.get_config(",".join(mqar_configs.RUNS)))
+  assert set(runs) == set(mqar_configs.RUNS)
   used = set()
   for cfg in runs.values():
     mixer = cfg["model"]["mixer"]
     used.add(mixer["name"])
     used.update(m["name"] for m in mixer.get("mixers", []))
-  from zoo_jax import mixers
   assert used == set(mixers.names())
   figure2 = {"attention", "base_conv", "hyena", "h3", "rwkv", "based", "mamba"}
   assert figure2 <= set(runs)

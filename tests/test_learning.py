@@ -12,25 +12,12 @@ Both runs are seeded and deterministic on CPU; the thresholds leave room for the
 XLA builds (the measured figures are in the foundation issue's note).
 """
 
-import importlib.util
-import os
-
 from zoo_jax import config as config_lib
 from zoo_jax import train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _quick_start_runs(names: str) -> dict:
-  spec = importlib.util.spec_from_file_location(
-      "mqar_config", os.path.join(REPO, "experiments", "configs", "mqar.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return config_lib.expand_runs(module.get_config(names))
-
-
-def test_attention_solves_mqar_and_base_conv_stays_lower_at_a_longer_length(tmp_path):
-  runs = _quick_start_runs("attention,base_conv_L64")
+def test_attention_solves_mqar_and_base_conv_stays_lower_at_a_longer_length(tmp_path, mqar_configs):
+  runs = config_lib.expand_runs(mqar_configs.get_config("attention,base_conv_L64"))
   attention = train.train_and_evaluate(runs["attention"], str(tmp_path / "attention"))
   assert attention["validation_accuracy"] > 0.99, attention
   assert attention["test_accuracy"] >= 0.98, attention
