@@ -79,8 +79,9 @@ class ModelConfig:
                        f"no state mixer), got {self.state_mixer!r}")
     if self.dtype not in DTYPES:
       raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-    mixers.parse(self.mixer)
-    self.state_size()  # per-layer hparams (e.g. a kernel_size list shorter than n_layers) fail here, at start-up
+    # Parses the mixer config (one-line errors naming the field) and checks every layer's hparams, e.g. a
+    # kernel_size list shorter than n_layers, at start-up.
+    self.state_size()
 
   def state_size(self) -> int:
     """Recurrent state of the whole model, elements per example: the sum of the layers' states."""
