@@ -36,9 +36,12 @@ embedded 1.8M-token Shakespeare corpus, i.e. "never seen", which would also coun
 frequent). `scaled_threshold(num_tokens)` = max(floor, round(rate · num_tokens)) with floor
 `DEFAULT_THRESHOLD_FLOOR` = 10: it gives 1,250 for 10B tokens (the paper), 125 for 1B, 12 for 100M and the
 floor, 10, for every corpus under 84M tokens, including the 1.8M-token Shakespeare corpus. A bigram seen
-fewer than 10 times is one a small model cannot have memorised as a bigram statistic; on held-out
-Shakespeare plays (GPT-2 tokens) this marks about 3% of validation tokens as AR hits (the paper: 6.4% on
-the Pile). The threshold is always printed and can be overridden (`ar_gap.py --threshold`).
+fewer than 10 times is one a small model cannot have memorised as a bigram statistic. Measured on the
+embedded corpus (GPT-2 tokens; training on 35 plays, 1.65M tokens; Hamlet, The Tempest and Twelfth Night
+held out, in windows of 512 / 1,024 tokens): 32% / 36% of held-out tokens repeat a bigram of their window,
+and the AR hits are 4.2% / 5.0% of them at tau = 10 (3.6% / 4.2% at tau = 1, i.e. bigrams never seen in
+training, mostly names; 5.7% / 6.9% at tau = 100), against 6.4% on the Pile in the paper. The threshold is
+always printed and can be overridden (`ar_gap.py --threshold`).
 
 **Bigram counts** are int64 codes prev · v + next, reduced by `np.unique` per chunk of ~4M bigrams and
 merged into the running table by a stable (linear-time merge) sort, so a corpus streamed document by
