@@ -48,7 +48,6 @@ State: the SSM state H·n·p = e·n and the conv window (e + 2·g·n)·(d_conv �
 """
 
 import dataclasses
-import math
 from typing import Any
 
 from flax import nnx
@@ -57,6 +56,7 @@ import jax.numpy as jnp
 
 from zoo_jax import layers
 from zoo_jax.mixers import _chunked_gla, registry
+from zoo_jax.mixers.mamba import _dt_bias_init  # softplus⁻¹ of log-uniform Δ₀, as mamba_ssm (both Mambas)
 
 NORM_EPS = 1e-5  # mamba_ssm's RMSNormGated
 
@@ -103,18 +103,6 @@ class Mamba2Config:
       raise ValueError(f"{field}.ngroups must divide the number of heads expand·d_model / head_dim = "
                        f"{e // p}, got {self.ngroups}")
     return e // p, p
-
-
-def _dt_bias_init(cfg: Mamba2Config):
-  """b_dt = softplus⁻¹(Δ₀), Δ₀ log-uniform in [dt_min, dt_max] and >= dt_init_floor (mamba_ssm)."""
-
-  def init(key, shape, dtype=jnp.float32):
-    log_min, log_max = math.log(cfg.dt_min), math.log(cfg.dt_max)
-    dt = jnp.exp(jax.random.uniform(key, shape, dtype) * (log_max - log_min) + log_min)
-    dt = jnp.maximum(dt, cfg.dt_init_floor)
-    return dt + jnp.log(-jnp.expm1(-dt))  # softplus⁻¹, stable for small dt
-
-  return init
 
 
 def _a_log_init(cfg: Mamba2Config):
