@@ -1,0 +1,197 @@
+"""Sweeps: grid expansion, vmapped groups equal to single runs, restart and resume, and the plots."""
+
+import copy
+import csv
+import os
+
+import numpy as np
+import pytest
+
+from zoo_jax import config as config_lib
+from zoo_jax import sweep
+from zoo_jax import sweep_plots
+from zoo_jax import train
+
+ATTENTION = {"model": {"mixer": {"name": "attention"}}}
+
+
+def _sweep_config(**sweep_overrides) -> dict:
+  c = config_lib.defaults().to_dict()
+  c["data"]["vocab_size"] = 32
+  c["model"]["d_model"] = 16
+  c["train"].update(epochs=2, batch_size=16, eval_batch_size=50, log_every_steps=1000)
+  c["sweep"] = dict(mixers={"attention": ATTENTION}, d_model=[16],
+                    lengths=[dict(seq_len=16, num_kv_pairs=2, train_examples=256, eval_examples=50)],
+                    learning_rate=[1e-3, 3e-3], seed=[0, 1])
+  c["sweep"].update(sweep_overrides)
+  return c
+
+
+# ---------------------------------------------------------------------------------------------- Grid
+
+
+def test_grid_is_the_full_product_with_lengths_and_markers_applied():
+  h3 = {"model": {"mixer": {"name": "h3", "d_state": "${seq_len}", "head_dim": 2}}}
+  c = _sweep_config(mixers={"attention": ATTENTION, "h3": h3}, d_model=[16, 32],
+                    lengths=[dict(seq_len=16, num_kv_pairs=2, train_examples=64, eval_examples=10),
+                             dict(seq_len=24, num_kv_pairs=4, train_examples=32, eval_examples=10, batch_size=8)])
+  runs = sweep.expand_grid(c)
+  assert len(runs) == 2 * 2 * 2 * 2 * 2
+  assert len({r.run_id for r in runs}) == len(runs)
+  by_id = {r.run_id: r for r in runs}
+  run = by_id["h3-d32-L24-kv4-lr3.00e-03-s1"]
+  assert run.config["model"]["mixer"] == {"name": "h3", "d_state": 24, "head_dim": 2}
+  assert run.config["model"]["d_model"] == 32 and run.config["seed"] == 1
+  assert run.config["train"]["learning_rate"] == 3e-3 and run.config["train"]["batch_size"] == 8
+  assert run.config["data"]["train_segments"] == [dict(seq_len=24, num_kv_pairs=4, num_examples=32)]
+  assert run.config["data"]["test_segments"] == [dict(seq_len=24, num_kv_pairs=4, num_examples=10)]
+  assert by_id["h3-d16-L16-kv2-lr1.00e-03-s0"].config["model"]["mixer"]["d_state"] == 16
+  assert by_id["h3-d16-L16-kv2-lr1.00e-03-s0"].config["train"]["batch_size"] == 16  # base value kept
+  # Groups: everything but learning rate and seed; 2 mixers × 2 widths × 2 lengths, 4 runs each.
+  groups = sweep.group_runs(runs)
+  assert len(groups) == 8 and all(len(g) == 4 for g in groups)
+  assert all(len({r.group for r in g}) == 1 for g in groups)
+  assert [len(g) for g in sweep.group_runs(runs, max_group_size=3)] == [3, 1] * 8
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(learning_rate=[]), "sweep.learning_rate must be a non-empty list"),
+    (dict(learning_rate=[1e-3, -1.0]), "sweep.learning_rate entries must be positive"),
+    (dict(seed=[0, 0]), "sweep.seed has repeated entries"),
+    (dict(d_model=[16.5]), "sweep.d_model entries must be positive ints"),
+    (dict(lengths=[dict(seq_len=16, num_kv_pairs=2, train_examples=64)]), "sweep.lengths[0].eval_examples is missing"),
+    (dict(lengths=[dict(seq_len=16, num_kv_pairs=2, train_examples=64, eval_examples=8, epochs=3)]),
+     "sweep.lengths[0].epochs is not a length key"),
+    (dict(lengths=[dict(seq_len=16, num_kv_pairs=5, train_examples=64, eval_examples=8)]),
+     "sweep point attention-d16-L16-kv5-lr1.00e-03-s0: data.train_segments[0]"),
+    (dict(mixers={"x": {"model": {"mixer": {"name": "nope"}}}}), "sweep point x-d16-L16-kv2"),
+    (dict(mixers={"x": {"modle": {}}}), "sweep.mixers.x.modle"),
+    (dict(max_group_size=-1), "sweep.max_group_size must be an integer >= 0"),
+    (dict(grid=1), "sweep.grid is not a sweep key"),
+])
+def test_bad_sweeps_fail_in_one_line_naming_the_field(overrides, message):
+  with pytest.raises(ValueError) as e:
+    sweep.expand_grid(_sweep_config(**overrides))
+  assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_config_without_a_sweep_section_is_refused():
+  with pytest.raises(ValueError, match="sweep is missing"):
+    sweep.expand_grid(config_lib.defaults())
+
+
+# ---------------------------------------------------------------------------------------------- Training
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+  """A 2-learning-rate × 2-seed attention sweep, trained as one vmapped group; early stop at 0.015 so that
+  some models stop after epoch 1 and the rest train on."""
+  c = _sweep_config()
+  c["train"]["early_stop_accuracy"] = 0.015
+  workdir = str(tmp_path_factory.mktemp("sweep"))
+  rows = sweep.run_sweep(c, workdir)
+  return c, workdir, rows
+
+
+def test_vmapped_group_equals_the_same_runs_trained_one_by_one(finished_sweep, tmp_path):
+  c, _, rows = finished_sweep
+  assert len(rows) == 4 and all(r["group_size"] == 4 for r in rows)
+  by_id = {r["run_id"]: r for r in rows}
+  assert {r["epochs_run"] for r in rows} == {1, 2}  # the early stop froze some models, not the group
+  runs = sweep.expand_grid(c)
+  # (lr 1e-3, seed 0) and (lr 3e-3, seed 1): both injected hyperparameters differ from the first model's.
+  for run in (runs[0], runs[3]):
+    single = train.train_and_evaluate(run.config, str(tmp_path / run.run_id))
+    row = by_id[run.run_id]
+    for key in ("best_epoch", "epochs_run", "stopped_early"):
+      assert row[key] == single[key], key
+    np.testing.assert_allclose(row["validation_loss"], single["validation_loss"], rtol=1e-5)
+    np.testing.assert_allclose(row["test_loss"], single["test_loss"], rtol=1e-5)
+    np.testing.assert_allclose(row["test_accuracy"], single["test_accuracy"], atol=1e-6)
+    assert row["test_slices"] == pytest.approx(single["test_slices"], abs=1e-6)
+    assert row["num_params"] == single["num_params"] and row["state_size"] == single["state_size"]
+
+
+def test_restart_skips_finished_runs_and_refuses_a_changed_config(finished_sweep, capsys):
+  c, workdir, rows = finished_sweep
+  path = os.path.join(workdir, "results.csv")
+  before = open(path).read()
+  again = sweep.run_sweep(c, workdir)
+  assert "4 already in" in capsys.readouterr().out
+  assert open(path).read() == before
+  assert [r["run_id"] for r in again] == [r["run_id"] for r in rows]
+  changed = copy.deepcopy(c)
+  changed["train"]["weight_decay"] = 0.0
+  with pytest.raises(ValueError, match="holds run attention-d16-L16-kv2-lr1.00e-03-s0 under another config"):
+    sweep.run_sweep(changed, workdir)
+  assert open(path).read() == before
+
+
+@pytest.mark.slow  # two more group compilations: ~25 s idle
+def test_an_interrupted_group_resumes_to_the_same_results(finished_sweep, tmp_path):
+  c, _, rows = finished_sweep
+  runs = sweep.expand_grid(c)
+  group_dir = str(tmp_path / "group")
+  with pytest.raises(train._SimulatedKill):  # pylint: disable=protected-access
+    sweep.train_group(runs, group_dir, _kill_after_steps=20)  # 16 steps per epoch: killed in epoch 2
+  resumed = sweep.train_group(runs, group_dir)
+  for want, got in zip(rows, resumed):
+    for key in ("validation_accuracy", "test_accuracy", "test_loss", "best_epoch", "epochs_run"):
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=key)
+
+
+# ---------------------------------------------------------------------------------------------- Plots
+
+
+def _synthetic_rows() -> list[dict]:
+  """2 mixers × 2 widths × 2 lengths × 2 learning rates × 2 seeds. At lr 1e-3 validation is higher but
+  test is lower than at 1e-2, so a plot that selected on test would show different numbers."""
+  rows = []
+  for mixer, base in (("attention", 0.9), ("base_conv", 0.4)):
+    for d_model in (64, 128):
+      for seq_len, kv in ((64, 4), (128, 8)):
+        for lr, val_shift, test_shift in ((1e-3, 0.05, -0.1), (1e-2, 0.0, 0.0)):
+          for seed in (0, 1):
+            acc = base + (d_model == 128) * 0.05 - (seq_len == 128) * 0.1
+            rows.append(dict(
+                run_id=f"{mixer}-{d_model}-{seq_len}-{lr}-{seed}", mixer=mixer, d_model=d_model,
+                seq_len=seq_len, num_kv_pairs=kv, learning_rate=lr, seed=seed,
+                validation_accuracy=acc + val_shift + 0.01 * seed, test_accuracy=acc + test_shift + 0.02 * seed,
+                state_size=d_model * seq_len if mixer == "attention" else 4 * d_model))
+  return rows
+
+
+def test_best_over_learning_rates_selects_on_validation_and_reports_test():
+  best = {(p["mixer"], p["d_model"], p["seq_len"]): p for p in sweep.best_over_learning_rates(_synthetic_rows())}
+  p = best[("base_conv", 128, 64)]
+  assert p["learning_rate"] == 1e-3 and p["seeds"] == 2
+  assert p["test_accuracy"] == pytest.approx(0.4 + 0.05 - 0.1 + 0.01)  # mean over seeds at lr 1e-3
+  assert p["test_std"] == pytest.approx(0.01)
+
+
+def test_plots_write_png_and_pdf_with_the_selected_points(tmp_path):
+  rows = _synthetic_rows()
+  drawn = sweep_plots.figure2(rows, str(tmp_path / "figure2"))
+  assert set(drawn) == {(l, kv, m) for l, kv in ((64, 4), (128, 8)) for m in ("attention", "base_conv")}
+  widths, accs, stds = zip(*drawn[(128, 8, "attention")])
+  assert widths == (64, 128)
+  np.testing.assert_allclose(accs, [0.9 - 0.1 - 0.1 + 0.01, 0.9 + 0.05 - 0.1 - 0.1 + 0.01])
+  np.testing.assert_allclose(stds, [0.01, 0.01])
+  tradeoff = sweep_plots.state_tradeoff(rows, str(tmp_path / "tradeoff"))
+  assert [x for x, _, _ in tradeoff[(64, 4, "attention")]] == [64 * 64, 128 * 64]
+  for name in ("figure2", "tradeoff"):
+    for ext in ("png", "pdf"):
+      assert (tmp_path / f"{name}.{ext}").stat().st_size > 1000
+  assert "| base_conv | 128 | 64 | 4 | 1.0e-03 |" in sweep_plots.format_best(rows)
+  with pytest.raises(ValueError, match="no rows"):
+    sweep_plots.figure2([], str(tmp_path / "empty"))
+
+
+def test_results_table_round_trips_through_csv(tmp_path, finished_sweep):
+  _, workdir, rows = finished_sweep
+  with open(os.path.join(workdir, "results.csv"), newline="") as f:
+    header = next(csv.reader(f))
+  assert tuple(header) == sweep.RESULT_COLUMNS
+  assert isinstance(rows[0]["test_slices"], dict) and "L16_kv2" in rows[0]["test_slices"]
+  assert isinstance(rows[0]["d_model"], int) and isinstance(rows[0]["learning_rate"], float)
