@@ -135,7 +135,8 @@ class Mamba2(nnx.Module):
 
   @staticmethod
   def state_size(cfg: Mamba2Config, d_model: int, seq_len: int, layer_idx: int) -> int:
-    e = cfg.inner_width(d_model)
+    heads, head_dim = cfg.heads(d_model)
+    e = heads * head_dim
     return e * cfg.d_state + (e + 2 * cfg.ngroups * cfg.d_state) * (cfg.d_conv - 1)
 
   def _split(self, zxbcdt):
