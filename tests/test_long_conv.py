@@ -1,8 +1,11 @@
-"""Spec of the causal long convolution op (kernels/long_conv), y[t] = sum_{s<=t} h[t-s] * u[s] per channel.
+"""Spec of the causal long convolution op (kernels/long_conv), y[t] = sum_{s<=t} h[t-s] * u[s] (+ D u[t])
+per channel.
 
-Shapes: u (b, l, c), h (l_h <= l, c); the output has u's shape and u's dtype. The `reference` path (an
-O(l^2) Toeplitz matmul in float32) is the ground truth; the `xla` path (FFT, n = 2l) must match it in
-value and gradient, for odd and power-of-two lengths and for filters shorter than the sequence.
+Shapes: u (b, l, c), h (l_h <= l, c), D (c,) optional; the output has u's shape and u's dtype. The
+`reference` path (an O(l^2) Toeplitz matmul in float32) is the ground truth; the `xla` (rfft, n = 2l),
+`monarch` (DFT matmuls) and `pallas` (the fused kernel, interpreted on CPU) paths must match it in value
+and gradient, for odd and power-of-two lengths and for filters shorter than the sequence. The Pallas path
+is slow interpreted, so it runs on fewer shapes here (its gated form is swept in test_kernels_gated_conv).
 """
 
 import chex
@@ -14,10 +17,16 @@ import pytest
 from kernels import long_conv
 
 B, C = 3, 5
-IMPLEMENTATIONS = ["reference", "xla"]  # None (the default) is checked to be "xla" below
+IMPLEMENTATIONS = ["reference", "xla", "monarch", "pallas"]  # None (the default) is checked below
+FAST = ["xla", "monarch"]  # swept over every shape; pallas over PALLAS_SHAPES
 
 # (l, l_h): odd and power-of-two sequence lengths, full-length and shorter filters.
 SHAPES = [(7, 7), (7, 3), (16, 16), (16, 5), (33, 33), (33, 10)]
+PALLAS_SHAPES = [(33, 10)]  # interpreted Pallas compiles slowly; tests/test_kernels_gated_conv sweeps it
+MONARCH_SHAPES = [(7, 3), (16, 16), (33, 33)]  # each compile takes ~1 s; the rest run with -m slow
+FAST_CASES = ([("xla", *s) for s in SHAPES] + [("monarch", *s) for s in MONARCH_SHAPES]
+              + [pytest.param("monarch", *s, marks=pytest.mark.slow) for s in SHAPES if s not in MONARCH_SHAPES]
+              + [("pallas", *s) for s in PALLAS_SHAPES])
 
 # float32 FFT vs float32 Toeplitz matmul: both are float32 sums of O(l) terms; the FFT's round-off is
 # ~eps * log2(2l) * scale (measured <= 4e-7 of max|y| at l = 33). 1e-5 of the output scale leaves >10x
@@ -71,7 +80,7 @@ def test_reference_matches_the_definition(l, l_h):
     np.testing.assert_allclose(np.asarray(y), _naive(u, h), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", ["reference", *FAST])
 def test_delta_filter_is_identity_and_shifted_delta_is_a_delay(implementation):
     u, _ = _inputs(9, 1)
     identity = np.ones((1, C), np.float32)
@@ -86,41 +95,53 @@ def test_delta_filter_is_identity_and_shifted_delta_is_a_delay(implementation):
     chex.assert_trees_all_close(y[:, 0], np.zeros((B, C), np.float32), atol=1e-6)
 
 
-@pytest.mark.parametrize("l,l_h", SHAPES)
-def test_xla_matches_reference_forward(l, l_h):
+def _value_and_grads(implementation, u, h, d, w):
+    """y and d(sum(y * w))/d(u, h, D), in one compiled call (one compile per path and shape)."""
+    def loss(u_, h_, d_):
+        y = long_conv.causal_conv(u_, h_, d_, implementation=implementation)
+        return jnp.sum(y * w), y
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(u, h, d)
+    return y, grads
+
+
+@pytest.mark.parametrize("implementation,l,l_h", FAST_CASES)
+def test_fast_paths_match_reference_value_and_gradients(implementation, l, l_h):
     u, h = _inputs(l, l_h)
-    ref = conv(u, h, implementation="reference")
-    fft = conv(u, h, implementation="xla")
-    chex.assert_shape([ref, fft], (B, l, C))
-    chex.assert_type([ref, fft], jnp.float32)
-    _assert_close_to_scale(fft, ref, FWD_RTOL, "xla vs reference")
+    d = jnp.asarray(np.random.default_rng(3).standard_normal(C), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(7).standard_normal((B, l, C)), jnp.float32)  # a cotangent
+    y_ref, (gu_ref, gh_ref, gd_ref) = _value_and_grads("reference", u, h, d, w)
+    y, (gu, gh, gd) = _value_and_grads(implementation, u, h, d, w)
+    chex.assert_shape([y_ref, y, gu, gu_ref], (B, l, C))
+    chex.assert_shape([gh_ref, gh], h.shape)
+    chex.assert_type([y_ref, y], jnp.float32)
+    _assert_close_to_scale(y, y_ref, FWD_RTOL, f"{implementation} vs reference")
+    _assert_close_to_scale(gu, gu_ref, GRAD_RTOL, "d/du")
+    _assert_close_to_scale(gh, gh_ref, GRAD_RTOL, "d/dh")
+    _assert_close_to_scale(gd, gd_ref, GRAD_RTOL, "d/dD")
+
+
+@pytest.mark.parametrize("implementation", FAST)
+def test_fast_paths_without_skip(implementation):
+    u, h = _inputs(16, 5)
+    _assert_close_to_scale(conv(u, h, implementation=implementation), conv_reference(u, h), FWD_RTOL)
+
+
+def test_skip_adds_d_times_u():
+    u, h = _inputs(16, 5)
+    d = np.arange(1, C + 1, dtype=np.float32)
+    y = np.asarray(conv(u, h, d, implementation="reference"))
+    np.testing.assert_allclose(y - np.asarray(conv(u, h, implementation="reference")), d * np.asarray(u),
+                               rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("l,l_h", SHAPES)
-def test_default_implementation_is_xla(l, l_h):
+def test_default_implementation_is_xla_on_cpu(l, l_h):
     u, h = _inputs(l, l_h)
     chex.assert_trees_all_equal(conv(u, h), conv(u, h, implementation="xla"))
 
 
-@pytest.mark.parametrize("l,l_h", SHAPES)
-def test_xla_matches_reference_gradients(l, l_h):
-    u, h = _inputs(l, l_h)
-    w = jnp.asarray(np.random.default_rng(7).standard_normal((B, l, C)), jnp.float32)  # a cotangent
-
-    def grads(impl):
-        loss = lambda u_, h_: jnp.sum(long_conv.causal_conv(u_, h_, implementation=impl) * w)
-        return jax.jit(jax.grad(loss, argnums=(0, 1)))(u, h)
-
-    gu_ref, gh_ref = grads("reference")
-    gu_fft, gh_fft = grads("xla")
-    chex.assert_shape([gu_ref, gu_fft], u.shape)
-    chex.assert_shape([gh_ref, gh_fft], h.shape)
-    _assert_close_to_scale(gu_fft, gu_ref, GRAD_RTOL, "d/du")
-    _assert_close_to_scale(gh_fft, gh_ref, GRAD_RTOL, "d/dh")
-
-
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("l,l_h", [(7, 7), (16, 5), (33, 33)])
+@pytest.mark.parametrize("implementation", ["reference", *FAST])
+@pytest.mark.parametrize("l,l_h", [(7, 7), (33, 33)])
 def test_future_inputs_do_not_reach_the_past(implementation, l, l_h):
     u, h = _inputs(l, l_h)
     y = np.asarray(conv(u, h, implementation=implementation))
@@ -135,8 +156,8 @@ def test_future_inputs_do_not_reach_the_past(implementation, l, l_h):
     assert np.abs(y2[:, t + 1:] - y[:, t + 1:]).max() > 1.0  # and the future does move
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("l,l_h", [(7, 3), (16, 16), (33, 10)])
+@pytest.mark.parametrize("implementation,l,l_h",
+                         [(i, *s) for i in ["reference", *FAST] for s in [(7, 3), (33, 10)]] + [("pallas", 16, 5)])
 def test_bfloat16_input_with_float32_filter(implementation, l, l_h):
     u, h = _inputs(l, l_h, dtype=jnp.bfloat16)
     y = conv(u, h, implementation=implementation)
@@ -146,6 +167,7 @@ def test_bfloat16_input_with_float32_filter(implementation, l, l_h):
     err = np.abs(np.asarray(y, np.float64) - ref)
     # The computation is float32 inside; only the final cast to bfloat16 rounds, by at most half an ulp:
     # 2^-8 of |y| (8 significand bits). Plus the float32 FFT round-off (<= 1e-5 of the scale, above).
+    # Every path, Monarch and Pallas included, meets this on CPU (float32 matmuls there are exact float32).
     bound = 2.0**-8 * np.abs(ref) + 1e-5 * np.abs(ref).max()
     assert (err <= bound).all(), f"max excess {np.max(err - bound):.3g}"
     # Against the float32 computation on the unrounded input, the input's bfloat16 rounding adds
@@ -168,18 +190,26 @@ BAD_SHAPES = [
     pytest.param((B, 16, C), (16, C + 1), id="channel_mismatch"),
     pytest.param((B, 16, C), (17, C), id="filter_longer_than_sequence"),
 ]
+BAD_MESSAGES = "causal_conv expects|exceeds sequence length|d must have shape"
 
 
 @pytest.mark.parametrize("implementation", [None, *IMPLEMENTATIONS])
 @pytest.mark.parametrize("u_shape,h_shape", BAD_SHAPES)
 def test_bad_shapes_raise_value_error(implementation, u_shape, h_shape):
-    with pytest.raises(ValueError, match="causal_conv expects|exceeds sequence length"):
+    with pytest.raises(ValueError, match=BAD_MESSAGES):
         long_conv.causal_conv(np.zeros(u_shape, np.float32), np.zeros(h_shape, np.float32),
                               implementation=implementation)
 
 
-@pytest.mark.parametrize("name", ["pallas", "XLA", "", "fft"])
+@pytest.mark.parametrize("implementation", [None, *IMPLEMENTATIONS])
+def test_skip_of_the_wrong_shape_raises_value_error(implementation):
+    u, h = _inputs(8, 8)
+    with pytest.raises(ValueError, match="d must have shape"):
+        long_conv.causal_conv(u, h, np.zeros((C + 1,), np.float32), implementation=implementation)
+
+
+@pytest.mark.parametrize("name", ["triton", "XLA", "", "fft"])
 def test_unknown_implementation_raises_value_error(name):
     u, h = _inputs(8, 8)
-    with pytest.raises(ValueError, match="implementation must be one of"):
+    with pytest.raises(ValueError, match="implementation must be one of None, 'reference', 'xla', 'monarch'"):
         long_conv.causal_conv(u, h, implementation=name)

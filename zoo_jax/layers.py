@@ -15,9 +15,25 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from kernels import long_conv
+from kernels import long_conv, short_conv
 
 INIT_STD = 0.02
+
+# The `conv_implementation` hyperparameter of the convolution mixers: which kernel path runs the long (and
+# short) convolutions. None: the fastest measured for the backend (`kernels.*.FASTEST`).
+CONV_IMPLEMENTATIONS = long_conv.IMPLEMENTATIONS
+
+
+def validate_conv_implementation(value: str | None, field: str) -> None:
+  if value is not None and value not in CONV_IMPLEMENTATIONS:
+    raise ValueError(f"{field}.conv_implementation must be None or one of {list(CONV_IMPLEMENTATIONS)}, "
+                     f"got {value!r}")
+
+
+def short_conv_implementation(implementation: str | None) -> str | None:
+  """The short-conv path for a mixer's `conv_implementation`: the same name where the short conv has that
+  path; 'monarch' (an FFT path, meaningless for k taps) runs the short conv by 'xla'."""
+  return implementation if implementation in (None, *short_conv.IMPLEMENTATIONS) else "xla"
 
 
 def normal(std: float = INIT_STD):
@@ -55,23 +71,23 @@ def _torch_conv_init(fan_in: int):
 
 
 class ShortConvolution(nnx.Module):
-  """Depthwise causal convolution of width k: y[t] = b + sum_{j<k} w[j] * u[t-j]."""
+  """Depthwise causal convolution of width k: y[t] = act(b + sum_{j<k} w[j] * u[t-(k-1)+j]), by
+  `kernels.short_conv` (act: None, the default, or 'silu' fused into the kernel)."""
 
-  def __init__(self, d_model: int, kernel_size: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+  def __init__(self, d_model: int, kernel_size: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
+               activation: str | None = None, implementation: str | None = None):
     init = _torch_conv_init(kernel_size)
     # w_kc[j] multiplies u[t - (k-1) + j], i.e. the last tap looks at the current token.
     self.w_kc = nnx.Param(init(rngs.params(), (kernel_size, d_model)))
     self.b_c = nnx.Param(init(rngs.params(), (d_model,)))
     self.kernel_size = kernel_size
     self.dtype = dtype
+    self.activation = activation
+    self.implementation = short_conv_implementation(implementation)
 
   def __call__(self, u_bld: jax.Array) -> jax.Array:
-    k = self.kernel_size
-    w_kc = self.w_kc[...].astype(self.dtype)
-    padded = jnp.pad(u_bld, ((0, 0), (k - 1, 0), (0, 0)))
-    length = u_bld.shape[1]
-    y_bld = sum(padded[:, j:j + length] * w_kc[j] for j in range(k))
-    return y_bld + self.b_c[...].astype(self.dtype)
+    return short_conv.short_conv(u_bld, self.w_kc[...].astype(self.dtype), self.b_c[...].astype(self.dtype),
+                                 activation=self.activation, implementation=self.implementation)
 
   def init_state(self, batch_size: int) -> dict[str, jax.Array]:
     """The last k-1 inputs, (b, k-1, d), zeros before the sequence starts."""
@@ -80,6 +96,8 @@ class ShortConvolution(nnx.Module):
   def step(self, state: dict[str, jax.Array], u_bd: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
     window_bkd = jnp.concatenate([state["window"], u_bd[:, None].astype(jnp.float32)], axis=1)
     y_bd = jnp.einsum("bkd,kd->bd", window_bkd, self.w_kc[...].astype(jnp.float32)) + self.b_c[...]
+    if self.activation == "silu":
+      y_bd = jax.nn.silu(y_bd)
     return dict(window=window_bkd[:, 1:]), y_bd.astype(self.dtype)
 
 
@@ -107,15 +125,17 @@ class LongConvolution(nnx.Module):
   (`fft_conv` returns `y + u`).
   """
 
-  def __init__(self, d_model: int, seq_len: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+  def __init__(self, d_model: int, seq_len: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
+               implementation: str | None = None):
     self.h_lc = nnx.Param(jax.random.normal(rngs.params(), (seq_len, d_model)))
     self.dtype = dtype
+    self.implementation = implementation
 
   def filter(self, length: int) -> jax.Array:
     return self.h_lc[:length]
 
   def __call__(self, u_bld: jax.Array) -> jax.Array:
-    y_bld = long_conv.causal_conv(u_bld, self.filter(u_bld.shape[1]))
+    y_bld = long_conv.causal_conv(u_bld, self.filter(u_bld.shape[1]), implementation=self.implementation)
     return (y_bld + u_bld).astype(self.dtype)
 
   def init_state(self, batch_size: int) -> dict[str, jax.Array]:
@@ -144,9 +164,10 @@ class ImplicitLongConvolution(nnx.Module):
   """
 
   def __init__(self, d_model: int, seq_len: int, *, d_emb: int = 3, d_hidden: int = 16,
-               rngs: nnx.Rngs, dtype: Any = jnp.float32):
+               rngs: nnx.Rngs, dtype: Any = jnp.float32, implementation: str | None = None):
     self.seq_len = seq_len
     self.d_emb = d_emb
+    self.implementation = implementation
     self.fc1 = linear(d_emb, d_hidden, axes=(None, None), rngs=rngs)
     self.fc2 = linear(d_hidden, d_model, axes=(None, None), rngs=rngs)
     self.dtype = dtype
@@ -156,7 +177,7 @@ class ImplicitLongConvolution(nnx.Module):
     return self.fc2(jax.nn.relu(self.fc1(z_le)))
 
   def __call__(self, u_bld: jax.Array) -> jax.Array:
-    y_bld = long_conv.causal_conv(u_bld, self.filter(u_bld.shape[1]))
+    y_bld = long_conv.causal_conv(u_bld, self.filter(u_bld.shape[1]), implementation=self.implementation)
     return (y_bld + u_bld).astype(self.dtype)
 
   def init_state(self, batch_size: int) -> dict[str, jax.Array]:

@@ -70,6 +70,7 @@ def gated_conv(u_blc: jax.Array, h_lc: jax.Array, *, in_gate: jax.Array | None =
                implementation: str | None = None) -> jax.Array:
   """out_gate ⊙ (h ∗ (in_gate ⊙ u) + D ⊙ in_gate ⊙ u) for u (b, l, c), h (l_h <= l, c); gates (b, l, c)
   and d_c (c,) optional; output dtype follows u."""
+  _check(u_blc, h_lc, in_gate, out_gate, d_c)
   implementation = _dispatch.resolve("gated_conv", implementation, IMPLEMENTATIONS, FASTEST)
   if implementation == "pallas" and not _fftconv.pallas_supported(u_blc.shape[1], u_blc.shape[2]):
     implementation = "monarch"

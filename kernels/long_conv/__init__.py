@@ -85,6 +85,7 @@ def causal_conv(u_blc: jax.Array, h_lc: jax.Array, d_c: jax.Array | None = None,
                 implementation: str | None = None) -> jax.Array:
   """Depthwise causal convolution of u (b, l, c) with h (l_h <= l, c), plus D ⊙ u when d_c (c,) is
   given; output dtype follows u."""
+  check_shapes("causal_conv", u_blc, h_lc, d_c)
   implementation = _dispatch.resolve("causal_conv", implementation, IMPLEMENTATIONS, FASTEST)
   if implementation == "pallas" and not _fftconv.pallas_supported(u_blc.shape[1], u_blc.shape[2]):
     implementation = "monarch"

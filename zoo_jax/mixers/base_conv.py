@@ -9,8 +9,14 @@ Hyperparameters (Zoology defaults): `kernel_size` = 3 (an int, or one entry per 
 the whole sequence); `implicit_long_conv` = True in Zoology's MQAR configs (False: explicit filter);
 `implicit_d_emb` = 3, `implicit_d_hidden` = 16; `use_act` = False (True: SiLU on both branches).
 
+`conv_implementation` = None (zoo_jax's, not Zoology's) picks the kernel path: None (the fastest measured
+on the backend), 'reference', 'xla', 'monarch' or 'pallas' (`kernels/`); the outputs agree to round-off.
+
 Differences from Zoology's PyTorch `BaseConv`: a per-layer `kernel_size` list shorter than n_layers is an
-error at start-up (Zoology raises at construction); the FFT path is `kernels.long_conv` (float32 inside).
+error at start-up (Zoology raises at construction). A long conv without `use_act` runs as one gated
+convolution core, y = proj(u) ⊙ (h ∗ u + u) + u = `kernels.gated_conv(u, h, out_gate=proj(u), d=1)` + u
+(float32 inside, one rounding to the compute dtype at the end, where Zoology rounds after each op); with
+`use_act` the SiLUs sit between the convolution and the gate, so it is `kernels.long_conv` then the gate.
 
 State: a short conv keeps its last k-1 inputs, d·(k-1); a long conv needs the whole history, d·L.
 """
@@ -22,6 +28,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from kernels import gated_conv
 from zoo_jax import layers
 from zoo_jax.mixers import registry
 
@@ -35,8 +42,10 @@ class BaseConvConfig:
   implicit_d_emb: int = 3
   implicit_d_hidden: int = 16
   use_act: bool = False
+  conv_implementation: str | None = None
 
   def validate(self, field: str) -> None:
+    layers.validate_conv_implementation(self.conv_implementation, field)
     sizes = self.kernel_size if isinstance(self.kernel_size, tuple) else (self.kernel_size,)
     if not sizes:
       raise ValueError(f"{field}.kernel_size must not be empty")
@@ -67,14 +76,16 @@ class BaseConv(nnx.Module):
                dtype: Any, rngs: nnx.Rngs):
     kernel_size = cfg.layer_kernel_size(layer_idx, seq_len)
     self.use_act = cfg.use_act
+    self.implementation = impl = cfg.conv_implementation
     self.projection = layers.linear(d_model, d_model, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
     if kernel_size < seq_len:
-      self.conv = layers.ShortConvolution(d_model, kernel_size, rngs=rngs, dtype=dtype)
+      self.conv = layers.ShortConvolution(d_model, kernel_size, rngs=rngs, dtype=dtype, implementation=impl)
     elif cfg.implicit_long_conv:
       self.conv = layers.ImplicitLongConvolution(d_model, seq_len, d_emb=cfg.implicit_d_emb,
-                                                 d_hidden=cfg.implicit_d_hidden, rngs=rngs, dtype=dtype)
+                                                 d_hidden=cfg.implicit_d_hidden, rngs=rngs, dtype=dtype,
+                                                 implementation=impl)
     else:
-      self.conv = layers.LongConvolution(d_model, seq_len, rngs=rngs, dtype=dtype)
+      self.conv = layers.LongConvolution(d_model, seq_len, rngs=rngs, dtype=dtype, implementation=impl)
 
   @staticmethod
   def state_size(cfg: BaseConvConfig, d_model: int, seq_len: int, layer_idx: int) -> int:
@@ -82,7 +93,13 @@ class BaseConv(nnx.Module):
     return d_model * (seq_len if k >= seq_len else k - 1)
 
   def __call__(self, u_bld: jax.Array) -> jax.Array:
-    return self._gate(self.conv(u_bld), u_bld)
+    if isinstance(self.conv, layers.ShortConvolution) or self.use_act:
+      return self._gate(self.conv(u_bld), u_bld)
+    # proj ⊙ (h ∗ u + u) + u as one gated convolution core (D = 1 is the `+ u` inside the gate).
+    length, d = u_bld.shape[1:]
+    y_bld = gated_conv.gated_conv(u_bld, self.conv.filter(length), out_gate=self.projection(u_bld),
+                                  d_c=jnp.ones((d,), jnp.float32), implementation=self.implementation)
+    return y_bld + u_bld
 
   def _gate(self, u_conv: jax.Array, u: jax.Array) -> jax.Array:
     u_proj = self.projection(u)

@@ -26,7 +26,11 @@ Differences from Zoology's PyTorch `H3`:
   with i.i.d. init, so this only relabels its rows.
 - the SSMs run in float32 whatever the compute dtype (the projections use it). The ZOH/bilinear
   parameters are ordinary parameters (state-spaces' lr/weight-decay hints are ignored, as Zoology's
-  trainer ignores them). `use_fast_fftconv` (a CUDA kernel) is replaced by `kernels.long_conv`.
+  trainer ignores them). `use_fast_fftconv` (a CUDA kernel) is replaced by `kernels.long_conv` (the
+  shift SSM, and the diagonal SSM when head_dim > 1) and, with head_dim = 1, by the gated convolution core
+  q ⊙ (K ∗ (k̃ ⊙ v) + D k̃ ⊙ v) = `kernels.gated_conv` (the head sum has one term). `conv_implementation`
+  (zoo_jax's, default None = the fastest measured on the backend) picks their kernel path ('reference',
+  'xla', 'monarch', 'pallas'); the outputs agree to round-off.
 - the recurrent state of the shift SSM is stored as the window of its last min(N, L) - 1 inputs (the
   kernel is cut at L, as in Zoology's forward), not as Zoology's N-dimensional shift register; the two
   give the same outputs. Zoology's `state_size` reports d·N and leaves out the diagonal SSM's state.
@@ -43,7 +47,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from kernels import long_conv
+from kernels import gated_conv, long_conv
 from zoo_jax import layers
 from zoo_jax.mixers import _filters, registry
 
@@ -54,9 +58,11 @@ class H3Config:
   head_dim: int = 1
   dt_min: float = 1e-3
   dt_max: float = 1e-1
+  conv_implementation: str | None = None
 
   def validate(self, field: str) -> None:
     _filters.validate_ssm_hparams(self, field)
+    layers.validate_conv_implementation(self.conv_implementation, field)
     if self.head_dim < 1:
       raise ValueError(f"{field}.head_dim must be >= 1, got {self.head_dim}")
 
@@ -72,6 +78,7 @@ class H3(nnx.Module):
       raise ValueError(f"model.mixer.head_dim must divide model.d_model ({d_model}), got {cfg.head_dim}")
     self.d_model, self.seq_len, self.dtype = d_model, seq_len, dtype
     self.head_dim, self.d_state = cfg.head_dim, cfg.d_state
+    self.implementation = cfg.conv_implementation
     self.heads = d_model // cfg.head_dim
     self.qkv_proj = layers.linear(d_model, 3 * d_model, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
     self.shift_b_dn = nnx.Param(jnp.zeros((d_model, cfg.d_state)).at[:, 0].set(1.0))
@@ -107,11 +114,16 @@ class H3(nnx.Module):
     b, l, d = x_bld.shape
     p, heads = self.head_dim, self.heads
     q_bld, k_bld, v_bld = self._qkv(x_bld)
-    k_bld = long_conv.causal_conv(k_bld, self.shift_kernel(l)) + self.shift_skip_d[...] * k_bld
+    impl = self.implementation
+    k_bld = long_conv.causal_conv(k_bld, self.shift_kernel(l), self.shift_skip_d[...], implementation=impl)
+    if p == 1:  # q ⊙ (K ∗ (k̃ ⊙ v) + D k̃ ⊙ v): the gated convolution core
+      out_bld = gated_conv.gated_conv(k_bld, self.ssm.kernel(l), in_gate=v_bld, out_gate=q_bld,
+                                      d_c=self.ssm_skip_h[...], implementation=impl)
+      return self.output_linear(out_bld.astype(self.dtype))
     kv_blhij = self._heads(k_bld)[..., :, None] * self._heads(v_bld)[..., None, :]
     kv_blc = kv_blhij.reshape(b, l, heads * p * p)
     h_lc = jnp.repeat(self.ssm.kernel(l), p * p, axis=1)
-    y_blc = long_conv.causal_conv(kv_blc, h_lc) + jnp.repeat(self.ssm_skip_h[...], p * p) * kv_blc
+    y_blc = long_conv.causal_conv(kv_blc, h_lc, jnp.repeat(self.ssm_skip_h[...], p * p), implementation=impl)
     # Σ_i q[h, i] y[h, i, j] as multiply-and-sum: float32 throughout (an einsum may take TF32 on GPU).
     out_blhj = (self._heads(q_bld)[..., None] * y_blc.reshape(b, l, heads, p, p)).sum(axis=-2)
     return self.output_linear(out_blhj.reshape(b, l, d).astype(self.dtype))

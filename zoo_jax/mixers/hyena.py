@@ -19,8 +19,10 @@ Differences from Zoology's PyTorch `Hyena`:
   the hint's intent (frozen in practice) is kept. Likewise the filter's lr 1e-3 / weight decay 0 hints
   are ignored by both trainers: every parameter is in one optimizer group.
 - the short conv, the gating and the long convolution run in float32 whatever the compute dtype (the
-  projections use it); the FFT is `kernels.long_conv` (n = 2L), the same zero-padded FFT as Zoology's
-  `fftconv_ref`.
+  projections use it); x2 ⊙ (h ∗ (x1 ⊙ v) + D x1 ⊙ v) is one call of the gated convolution core
+  `kernels.gated_conv` (its `xla` path is the same zero-padded FFT, n = 2L, as Zoology's `fftconv_ref`).
+  `conv_implementation` (zoo_jax's, default None = the fastest measured on the backend) picks the kernel
+  path ('reference', 'xla', 'monarch', 'pallas') of both convolutions; the outputs agree to round-off.
 - not exposed, because Zoology's defaults are the only values its code handles or its MQAR configs use:
   `num_heads` = 1 and `num_blocks` = 1 (its split into x1, x2, v fails for `num_heads` > 1),
   `bidirectional` = False, `modulate` = True, `bias` = True, `normalized` = False, and dropout (zoo_jax
@@ -39,7 +41,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from kernels import long_conv
+from kernels import gated_conv
 from zoo_jax import layers
 from zoo_jax.mixers import _filters, registry
 
@@ -55,8 +57,10 @@ class HyenaConfig:
   slow_decay_pct: float = 1.5
   target: float = 1e-2
   shift: float = 0.0
+  conv_implementation: str | None = None
 
   def validate(self, field: str) -> None:
+    layers.validate_conv_implementation(self.conv_implementation, field)
     for key in ("filter_order", "short_filter_order"):
       if getattr(self, key) < 1:
         raise ValueError(f"{field}.{key} must be >= 1, got {getattr(self, key)}")
@@ -83,7 +87,9 @@ class Hyena(nnx.Module):
                dtype: Any, rngs: nnx.Rngs):
     self.d_model, self.seq_len, self.dtype = d_model, seq_len, dtype
     self.in_proj = layers.linear(d_model, 3 * d_model, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
-    self.short_filter = layers.ShortConvolution(3 * d_model, cfg.short_filter_order, rngs=rngs)
+    self.implementation = cfg.conv_implementation
+    self.short_filter = layers.ShortConvolution(3 * d_model, cfg.short_filter_order, rngs=rngs,
+                                                implementation=cfg.conv_implementation)
     self.long_filter = _filters.HyenaFilter(
         d_model, seq_len, emb_dim=cfg.emb_dim, order=cfg.filter_order, num_inner_mlps=cfg.num_inner_mlps,
         w=cfg.w, fast_decay_pct=cfg.fast_decay_pct, slow_decay_pct=cfg.slow_decay_pct, target=cfg.target,
@@ -99,10 +105,9 @@ class Hyena(nnx.Module):
   def __call__(self, x_bld: jax.Array) -> jax.Array:
     u_blc = self.short_filter(self.in_proj(x_bld).astype(jnp.float32))
     x1_bld, x2_bld, v_bld = jnp.split(u_blc, 3, axis=-1)
-    v_bld = x1_bld * v_bld
-    y_bld = (long_conv.causal_conv(v_bld, self.long_filter(x_bld.shape[1]))
-             + self.filter_bias_d[...] * v_bld)
-    return self.out_proj((x2_bld * y_bld).astype(self.dtype))
+    y_bld = gated_conv.gated_conv(v_bld, self.long_filter(x_bld.shape[1]), in_gate=x1_bld, out_gate=x2_bld,
+                                  d_c=self.filter_bias_d[...], implementation=self.implementation)
+    return self.out_proj(y_bld.astype(self.dtype))
 
   def init_state(self, batch_size: int) -> dict[str, Any]:
     return dict(short=self.short_filter.init_state(batch_size),

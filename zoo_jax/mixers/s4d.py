@@ -14,7 +14,8 @@ Zoology ships no S4D mixer; this is the layer the paper's "S4" rows refer to, wi
 the output linear's weight ~ N(0, 0.02/sqrt(2·n_layers)) (Zoology's `_init_weights` rescales
 `output_linear.0.weight`), bias 0 (PyTorch's Conv1d default U(±1/sqrt(d)) would be kept there).
 
-Hyperparameters (the S4D layer's defaults): `d_state` = 64 (N), `dt_min` = 1e-3, `dt_max` = 1e-1.
+Hyperparameters (the S4D layer's defaults): `d_state` = 64 (N), `dt_min` = 1e-3, `dt_max` = 1e-1;
+zoo_jax's `conv_implementation` = None picks the kernel path of K * u + D u (`kernels.long_conv`).
 No optimizer groups: A, dt and C are ordinary parameters with the run's learning rate and weight decay
 (the S4D repository registers A and dt with weight decay 0 and, optionally, their own learning rate).
 
@@ -42,9 +43,11 @@ class S4DConfig:
   d_state: int = 64
   dt_min: float = 1e-3
   dt_max: float = 1e-1
+  conv_implementation: str | None = None
 
   def validate(self, field: str) -> None:
     _filters.validate_ssm_hparams(self, field)
+    layers.validate_conv_implementation(self.conv_implementation, field)
 
 
 @registry.register("s4d", hparams=S4DConfig,
@@ -53,7 +56,7 @@ class S4D(nnx.Module):
 
   def __init__(self, cfg: S4DConfig, *, d_model: int, seq_len: int, layer_idx: int, n_layers: int,
                dtype: Any, rngs: nnx.Rngs):
-    self.dtype = dtype
+    self.dtype, self.implementation = dtype, cfg.conv_implementation
     self.ssm = _filters.DiagonalSSM(d_model, cfg.d_state, discretization="zoh", learn_b=False,
                                     dt_min=cfg.dt_min, dt_max=cfg.dt_max, rngs=rngs)
     self.skip_d = nnx.Param(jax.random.normal(rngs.params(), (d_model,)))
@@ -66,7 +69,8 @@ class S4D(nnx.Module):
 
   def __call__(self, u_bld: jax.Array) -> jax.Array:
     u_bld32 = u_bld.astype(jnp.float32)
-    y_bld = long_conv.causal_conv(u_bld32, self.ssm.kernel(u_bld.shape[1])) + self.skip_d[...] * u_bld32
+    y_bld = long_conv.causal_conv(u_bld32, self.ssm.kernel(u_bld.shape[1]), self.skip_d[...],
+                                  implementation=self.implementation)
     return self._output(y_bld)
 
   def _output(self, y: jax.Array) -> jax.Array:
