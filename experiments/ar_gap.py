@@ -47,6 +47,16 @@ def load_run(workdir: str):
   return tokens, logprobs, ar_hits.BigramCounts.load(paths[1])
 
 
+def read_summary(workdir: str) -> dict:
+  """The run's summary.json (num_params, train_tokens, ...) if it has a readable one, else {} (optional)."""
+  try:
+    with open(os.path.join(workdir, "summary.json")) as f:
+      summary = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return summary if isinstance(summary, dict) else {}
+
+
 def run_names(run_a: str, run_b: str) -> tuple[str, str]:
   names = tuple(os.path.basename(os.path.normpath(r)) for r in (run_a, run_b))
   return names if names[0] != names[1] else (os.path.normpath(run_a), os.path.normpath(run_b))
@@ -73,6 +83,10 @@ def compare(run_a: str, run_b: str, threshold: int | None = None) -> dict:
       or not np.array_equal(counts_a.counts, counts_b.counts)):
     notes.append(f"note: the training bigram counts differ ({counts_a.num_tokens:,} vs {counts_b.num_tokens:,} "
                  f"tokens); AR hits are defined by {counts_a_path} for both runs")
+  summaries = [read_summary(run_a), read_summary(run_b)]
+  budgets = [s.get("train_tokens") for s in summaries]
+  if None not in budgets and budgets[0] != budgets[1]:
+    notes.append(f"note: the runs were trained on different token budgets ({budgets[0]:,} vs {budgets[1]:,})")
   scaled = threshold is None
   if scaled:
     threshold = ar_hits.scaled_threshold(counts_a.num_tokens)
@@ -85,7 +99,8 @@ def compare(run_a: str, run_b: str, threshold: int | None = None) -> dict:
   else:
     explained = ar_hits.GapExplained(None, all_b.mean_nll - all_a.mean_nll, "no AR hits in the evaluation")
   return {"names": run_names(run_a, run_b), "threshold": threshold, "threshold_scaled": scaled,
-          "train_tokens": counts_a.num_tokens, "reports": reports, "explained": explained, "notes": notes}
+          "train_tokens": counts_a.num_tokens, "reports": reports, "explained": explained, "notes": notes,
+          "summaries": summaries}
 
 
 def _ppl(stats: ar_hits.SliceStats) -> str:
@@ -107,10 +122,13 @@ def format_result(result: dict) -> str:
            f"({100 * hits.share:.2f}%).", *result["notes"], ""]
   share = "–" if explained.value is None else f"{100 * explained.value:.1f}%"
   lines.append("Perplexity (mean NLL in nats), Table 1 of the paper; RUN_A is the reference:")
-  lines.append(_table([
-      ["model", "overall", "AR hits", "other", "% gap explained by AR hits"],
-      [name_a, *(_ppl(report_a.slices[k]) for k in ("all", "ar_hits", "other")), "– (reference)"],
-      [name_b, *(_ppl(report_b.slices[k]) for k in ("all", "ar_hits", "other")), share]]))
+  rows = [["model", "params", "train tokens", "overall", "AR hits", "other", "% gap explained by AR hits"]]
+  for name, report, summary, last in ((name_a, report_a, result["summaries"][0], "– (reference)"),
+                                      (name_b, report_b, result["summaries"][1], share)):
+    rows.append([name, *(f"{summary[k]:,}" if isinstance(summary.get(k), int) else "–"
+                         for k in ("num_params", "train_tokens")),
+                 *(_ppl(report.slices[k]) for k in ("all", "ar_hits", "other")), last])
+  lines.append(_table(rows))
   if explained.reason:
     lines.append(f"% explained: {explained.reason}")
   gaps = []
@@ -130,6 +148,8 @@ def format_result(result: dict) -> str:
 def result_to_json(result: dict) -> dict:
   (name_a, name_b), explained = result["names"], result["explained"]
   return {"reference": name_a, "other": name_b, "threshold": result["threshold"],
+          "summaries": {name: {k: s[k] for k in ("num_params", "train_tokens") if k in s}
+                        for name, s in zip((name_a, name_b), result["summaries"])},
           "threshold_scaled": result["threshold_scaled"], "train_tokens": result["train_tokens"],
           "reports": {name_a: result["reports"][0].to_dict(), name_b: result["reports"][1].to_dict()},
           "explained": {"value": explained.value, "gap_nats": explained.gap, "reason": explained.reason},

@@ -254,8 +254,11 @@ TOKENS = np.array([[1, 2, 3, 1, 2, 3, 4, 5]])
 HIT = np.array([[0, 0, 0, 0, 0, 1, 0, 0]], bool)
 
 
-def write_run(workdir, hit_logprob, other_logprob, tokens=TOKENS, vocab_size=10):
+def write_run(workdir, hit_logprob, other_logprob, tokens=TOKENS, vocab_size=10, summary=None):
   os.makedirs(workdir, exist_ok=True)
+  if summary is not None:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f)
   logprobs = np.where(HIT, hit_logprob, other_logprob)
   logprobs[:, 0] = np.nan
   ar_hits.save_eval(os.path.join(workdir, "ar_eval.npz"), tokens, logprobs)
@@ -266,7 +269,8 @@ def write_run(workdir, hit_logprob, other_logprob, tokens=TOKENS, vocab_size=10)
 @pytest.fixture
 def two_runs(tmp_path):
   # l^M = (0.5 + 6·2)/7, l^m = (2.5 + 6·2.2)/7; gap 3.2/7, AR-hit part (2.5 − 0.5)/7: explained 2/3.2 = 62.5%
-  return (write_run(tmp_path / "attention", -0.5, -2.0), write_run(tmp_path / "base_conv", -2.5, -2.2))
+  return (write_run(tmp_path / "attention", -0.5, -2.0, summary=dict(num_params=1234, train_tokens=5000)),
+          write_run(tmp_path / "base_conv", -2.5, -2.2, summary=dict(num_params=999, train_tokens=5000)))
 
 
 def run_ar_gap(*args):
@@ -280,9 +284,11 @@ def test_ar_gap_prints_table_1(two_runs, tmp_path):
   assert "fewer than 10 times" in out.stdout and "1 of 7 evaluated tokens (14.29%)" in out.stdout
   lines = {line.split("|")[1].strip(): line for line in out.stdout.splitlines() if line.startswith("| ")}
   # perplexity (mean NLL): overall, AR hits, other
-  assert f"{math.exp(12.5 / 7):.2f} ({12.5 / 7:.3f}) | 1.65 (0.500) | 7.39 (2.000) |" in lines["attention"]
-  assert f"{math.exp(15.7 / 7):.2f} ({15.7 / 7:.3f}) | 12.18 (2.500) | 9.03 (2.200) | 62.5% |" in lines[
-      "base_conv"]
+  assert (f"| 1,234 | 5,000 | {math.exp(12.5 / 7):.2f} ({12.5 / 7:.3f}) | 1.65 (0.500) | 7.39 (2.000) |"
+          in lines["attention"])
+  assert (f"| 999 | 5,000 | {math.exp(15.7 / 7):.2f} ({15.7 / 7:.3f}) | 12.18 (2.500) | 9.03 (2.200) | 62.5% |"
+          in lines["base_conv"])
+  assert "note:" not in out.stdout
   assert "overall +0.457, AR hits +2.000, other +0.200" in out.stdout
   assert "| 0 | 1 | 100.0% | 1.65 (0.500) | 12.18 (2.500) |" in out.stdout  # (2, 3) never in training
   saved = json.loads((tmp_path / "gap.json").read_text())
@@ -315,6 +321,8 @@ def test_ar_gap_errors(two_runs, tmp_path):
     ar_gap.compare(no_counts, base_conv)
   with pytest.raises(ValueError, match="--threshold must be an integer >= 1"):
     ar_gap.compare(attention, base_conv, threshold=0)
+  shorter = write_run(tmp_path / "shorter", -1.0, -1.0, summary=dict(train_tokens=4000))
+  assert "different token budgets (5,000 vs 4,000)" in ar_gap.compare(attention, shorter)["notes"][0]
 
   os.remove(os.path.join(base_conv, "ar_eval.npz"))  # the binary: one line naming the file, exit code 1
   out = run_ar_gap(attention, base_conv)
