@@ -15,32 +15,14 @@ import sys
 from absl import app
 from absl import logging
 from absl import flags
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from zoo_jax import cli  # pylint: disable=g-import-not-at-top
 from zoo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from zoo_jax import train  # pylint: disable=g-import-not-at-top
 
-
-
-def _define_config_flag():
-  """`--config` (a config file) with `--config.<key>=value` overrides; a bad override exits in one line.
-
-  ml_collections applies the overrides while the flag is defined, raising a multi-line KeyError for an
-  unknown key; it is turned into one line naming the override.
-  """
-  try:
-    return config_flags.DEFINE_config_file(
-        "config", os.path.join(os.path.dirname(__file__), "configs", "mqar.py"), "Run config.",
-        lock_config=True)
-  except (KeyError, AttributeError, ValueError, TypeError) as e:
-    bad = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.")]
-    detail = " ".join(str(e).replace("\\n", " ").replace("\n", " ").replace("\\'", "").strip("'\"").split())
-    sys.exit(f"error: bad config override among {bad}: {detail}")
-
-
-_CONFIG = _define_config_flag()
+_CONFIG = cli.define_config_flag(os.path.join(os.path.dirname(__file__), "configs", "mqar.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.",
                                required=True)
 

@@ -21,8 +21,9 @@ runs with a unit peak learning rate and each model's update is scaled by its own
 AdamW for the schedules here, all linear in the peak value). Each model follows exactly the protocol of
 `zoo_jax.train.train_and_evaluate` (same initialisation, batches, schedule, per-epoch validation, selection
 on validation, early stop above `train.early_stop_accuracy`, test evaluated once with the best parameters):
-a model that stops early is frozen while the rest of its group trains on, and a model whose loss turns
-non-finite is frozen, reported with status 'diverged', and does not stop its group. With several devices
+a model that stops early is retired (its best parameters are final; it is no longer evaluated) while
+the rest of its group trains on, and a model whose loss turns non-finite is retired the same way and
+reported with status 'diverged', without stopping its group. With several devices
 the model axis of a group is split over them (`runs` mesh axis).
 
 Output, in the sweep's workdir: `results.csv` (one row per finished run, appended when its group
@@ -252,28 +253,28 @@ def _stack(trees: list[Any]) -> Any:
 def make_group_steps(graphdef, tx: optax.GradientTransformation, schedule, k: int, model_sh, rep):
   """(train_step, eval_step, keep_best): the single-run steps of `zoo_jax.train`, vmapped over models.
 
-  train_step(params_m, opt_m, step, lr_m, active_m, batch_m): one step for every model; a model with
-  active=False keeps its parameters and optimizer state. The optimizer `tx` has a unit peak learning
-  rate; each model's update is scaled by its own lr_m.
+  train_step(params_m, opt_m, step, lr_m, batch_m) steps every model; the optimizer `tx` has a unit peak
+  learning rate and each model's update is scaled by its own lr_m. Models that stopped (early stop,
+  divergence) keep stepping with the rest (masking them would cost a select over every parameter and
+  moment each step); nothing reads them again, since `keep_best` only takes improving, active models.
   """
 
-  def one_step(params, opt_state, step, lr, active, batch):
+  def one_step(params, opt_state, step, lr, batch):
 
     def loss_fn(params):
       m = train.batch_metrics(nnx.merge(graphdef, params), batch, k)
       return m["loss_sum"] / jnp.maximum(m["tokens"], 1.0), m
 
     (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, new_opt = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates))
-    keep = lambda new, old: jnp.where(active, new, old)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates))
     metrics = dict(loss=loss, accuracy=m["acc_sum"] / jnp.maximum(m["examples"], 1.0),
                    learning_rate=lr * schedule(step), grad_norm=optax.global_norm(grads))
-    return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt_state), metrics
+    return params, opt_state, metrics
 
-  def train_step(params_m, opt_m, step, lr_m, active_m, batch_m):
-    params_m, opt_m, metrics = jax.vmap(one_step, in_axes=(0, 0, None, 0, 0, 0))(
-        params_m, opt_m, step, lr_m, active_m, batch_m)
+  def train_step(params_m, opt_m, step, lr_m, batch_m):
+    params_m, opt_m, metrics = jax.vmap(one_step, in_axes=(0, 0, None, 0, 0))(params_m, opt_m, step, lr_m,
+                                                                              batch_m)
     return params_m, opt_m, step + 1, metrics
 
   def eval_step(params_m, batch_m):
@@ -283,7 +284,7 @@ def make_group_steps(graphdef, tx: optax.GradientTransformation, schedule, k: in
     return jax.tree.map(lambda b, p: jnp.where(improved_m.reshape((-1,) + (1,) * (p.ndim - 1)), p, b),
                         best_m, params_m)
 
-  train_jit = jax.jit(train_step, in_shardings=(model_sh, model_sh, rep, model_sh, model_sh, model_sh),
+  train_jit = jax.jit(train_step, in_shardings=(model_sh, model_sh, rep, model_sh, model_sh),
                       out_shardings=(model_sh, model_sh, rep, model_sh), donate_argnums=(0, 1))
   eval_jit = jax.jit(eval_step, in_shardings=(model_sh, model_sh), out_shardings=model_sh)
   best_jit = jax.jit(keep_best, in_shardings=(model_sh, model_sh, model_sh), out_shardings=model_sh,
@@ -424,10 +425,9 @@ def train_group(runs: list[Run], group_dir: str, *, devices=None, label: str = "
       epoch = progress["epoch"]
       first = int(step) - epoch * steps_per_epoch
       active = active_mask()
-      active_dev = put(active)
       window_start, window = time.time(), []
       for batch in _stacked_batches(split_sets["train"], config.train.batch_size, seeds, epoch, first):
-        params, opt_state, step, metrics = train_step(params, opt_state, step, lrs_dev, active_dev, put(batch))
+        params, opt_state, step, metrics = train_step(params, opt_state, step, lrs_dev, put(batch))
         window.append(metrics)
         steps_this_run += 1
         if _kill_after_steps is not None and steps_this_run >= _kill_after_steps:
@@ -441,7 +441,7 @@ def train_group(runs: list[Run], group_dir: str, *, devices=None, label: str = "
       for i, m in enumerate(models):
         if active[i] and not np.isfinite(losses[:, i]).all():
           m["status"] = "diverged"
-          print(f"{label}{runs[i].run_id}: non-finite loss in epoch {epoch + 1}; frozen, reported with its "
+          print(f"{label}{runs[i].run_id}: non-finite loss in epoch {epoch + 1}; retired, reported with its "
                 "best validation epoch so far", flush=True)
 
       # Validation for every model; keep each one's best parameters (selection never looks at test).
