@@ -29,23 +29,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the results table
                                required=True)
 
 
-def write_outputs(rows: list[dict], workdir: str) -> str:
-  """Figures and the table of plotted points; returns that table (markdown)."""
-  sweep_plots.figure2(rows, os.path.join(workdir, "figure2"))
-  sweep_plots.state_tradeoff(rows, os.path.join(workdir, "state_tradeoff"))
-  table = sweep_plots.format_best(rows)
-  with open(os.path.join(workdir, "best.md"), "w") as f:
-    f.write(table + "\n")
-  return table
-
-
 def run(config, workdir: str) -> list[dict]:
   try:
     sweep.expand_grid(config)  # every point is validated before anything is computed or written
   except ValueError as e:
     sys.exit(f"error: {e}")
   rows = sweep.run_sweep(config, workdir)
-  table = write_outputs(rows, workdir)
+  table = sweep_plots.write_outputs(rows, workdir)
   print(f"\nBest learning rate per point (chosen on validation; test accuracy):\n{table}\n"
         f"table: {os.path.join(workdir, 'results.csv')}\nfigures: {os.path.join(workdir, 'figure2.png')}, "
         f"{os.path.join(workdir, 'state_tradeoff.png')} (and .pdf)", flush=True)

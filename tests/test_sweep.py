@@ -1,6 +1,7 @@
 """Sweeps: grid expansion, vmapped groups equal to single runs, restart and resume, and the plots."""
 
 import copy
+import importlib.util
 import csv
 import os
 
@@ -195,3 +196,35 @@ def test_results_table_round_trips_through_csv(tmp_path, finished_sweep):
   assert tuple(header) == sweep.RESULT_COLUMNS
   assert isinstance(rows[0]["test_slices"], dict) and "L16_kv2" in rows[0]["test_slices"]
   assert isinstance(rows[0]["d_model"], int) and isinstance(rows[0]["learning_rate"], float)
+
+
+# ---------------------------------------------------------------------------------------------- Configs
+
+
+def _figure2_config(scale):
+  spec = importlib.util.spec_from_file_location(
+      "figure2_config", os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "configs",
+                                     "figure2.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(scale)
+
+
+def test_figure2_paper_scale_is_zoologys_grid():
+  runs = sweep.expand_grid(_figure2_config("paper"))
+  assert len(runs) == 7 * 4 * 4 * 4  # mixers × widths × lengths × learning rates: Zoology's 448 runs
+  assert {(r.seq_len, r.num_kv_pairs) for r in runs} == {(64, 4), (128, 8), (256, 16), (512, 64)}
+  assert sorted({r.learning_rate for r in runs}) == pytest.approx(np.logspace(-4, -2, 4))
+  batch = {r.seq_len: r.config["train"]["batch_size"] for r in runs}
+  assert batch == {64: 512, 128: 512, 256: 256, 512: 128}
+  h3 = next(r for r in runs if r.mixer == "h3" and r.seq_len == 256)
+  assert h3.config["model"]["mixer"]["d_state"] == 256
+  assert all(r.config["data"]["vocab_size"] == 8192 and r.config["train"]["epochs"] == 64 for r in runs)
+  assert len(sweep.group_runs(runs)) == 7 * 4 * 4  # each group: the 4 learning rates
+
+
+def test_figure2_cpu_scale_expands():
+  runs = sweep.expand_grid(_figure2_config("cpu"))
+  assert {r.mixer for r in runs} == {"attention", "base_conv"} and len(runs) == 24
+  with pytest.raises(ValueError, match="figure2 scale must be one of"):
+    _figure2_config("tpu")

@@ -11,6 +11,7 @@ over learning rates instead, which selects on the test set.
 Each writes `<prefix>.png` and `<prefix>.pdf` and returns the points it drew.
 """
 
+import os
 from typing import Any
 
 import matplotlib
@@ -87,3 +88,14 @@ def format_best(rows: list[dict[str, Any]]) -> str:
                  f"{p['learning_rate']:.1e} | {p['validation_accuracy']:.3f} | {p['test_accuracy']:.3f} | "
                  f"{p['test_std']:.3f} | {p['seeds']} | {p['state_size']:,} |")
   return "\n".join(lines)
+
+
+def write_outputs(rows: list[dict[str, Any]], workdir: str) -> str:
+  """`figure2.{png,pdf}`, `state_tradeoff.{png,pdf}` and `best.md` (the plotted numbers) in workdir;
+  returns that table."""
+  figure2(rows, os.path.join(workdir, "figure2"))
+  state_tradeoff(rows, os.path.join(workdir, "state_tradeoff"))
+  table = format_best(rows)
+  with open(os.path.join(workdir, "best.md"), "w") as f:
+    f.write(table + "\n")
+  return table
