@@ -1,6 +1,8 @@
 """The device mesh and the one table of logical-axis rules that maps parameter axes onto it.
 
-Mesh axes: `data` (batch parallelism) and `model` (tensor parallelism over heads / MLP / vocabulary).
+Mesh axes: `data` (batch parallelism), `fsdp` (batch parallelism with the parameters' `embed` dimension split
+over it too: fully-sharded data parallelism, ZeRO-3 style; the compiler all-gathers a weight where it is
+used) and `model` (tensor parallelism over heads / MLP / vocabulary). The batch is split over `data` × `fsdp`.
 Parameters carry logical axis names (`zoo_jax.layers.logical`); `LOGICAL_RULES` says which mesh axis each
 one is split over. A dimension that the mesh axis does not divide is replicated instead (small widths on
 a large `model` axis), so every config runs on every mesh.
@@ -13,29 +15,32 @@ import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import numpy as np
 
-MESH_AXES = ("data", "model")
+MESH_AXES = ("data", "fsdp", "model")
 
 LOGICAL_RULES: Mapping[str, str | None] = {
     "batch": "data",
     "vocab": "model",
     "heads": "model",
     "mlp": "model",
-    "embed": None,
+    "embed": "fsdp",
 }
 
 
-def make_mesh(data: int = -1, model: int = 1, devices=None) -> jax.sharding.Mesh:
-  """A (data, model) mesh over `devices` (default: all). `data=-1` takes whatever `model` leaves."""
+def make_mesh(data: int = -1, model: int = 1, devices=None, *, fsdp: int = 1) -> jax.sharding.Mesh:
+  """A (data, fsdp, model) mesh over `devices` (default: all). `data=-1` takes what `model`·`fsdp` leave."""
   devices = list(devices if devices is not None else jax.devices())
   n = len(devices)
   if model < 1 or n % model:
     raise ValueError(f"mesh.model must be >= 1 and divide the device count ({n}), got {model}")
+  if fsdp < 1 or n % (model * fsdp):
+    raise ValueError(f"mesh.fsdp must be >= 1 and mesh.fsdp × mesh.model divide the device count ({n}), "
+                     f"got {fsdp}")
   if data == -1:
-    data = n // model
-  if data < 1 or data * model != n:
-    raise ValueError(f"mesh.data × mesh.model must equal the device count ({n}), got {data} × {model}")
-  return jax.make_mesh((data, model), MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto),
-                       devices=devices)
+    data = n // (model * fsdp)
+  if data < 1 or data * fsdp * model != n:
+    raise ValueError(f"mesh.data × mesh.fsdp × mesh.model must equal the device count ({n}), "
+                     f"got {data} × {fsdp} × {model}")
+  return jax.make_mesh((data, fsdp, model), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def logical_to_mesh(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
@@ -71,8 +76,14 @@ def param_shardings(logical_specs: Any, abstract_params: Any, mesh: jax.sharding
                       is_leaf=lambda x: isinstance(x, P))
 
 
+def batch_axes(mesh: jax.sharding.Mesh) -> str | tuple[str, ...]:
+  """The mesh axes the batch is split over: `data`, and `fsdp` where it has more than one device (size-1
+  axes are left out of specs: see `logical_to_mesh`)."""
+  return ("data", "fsdp") if mesh.shape.get("fsdp", 1) > 1 else "data"
+
+
 def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.Sharding:
-  return named(mesh, P("data"))
+  return named(mesh, P(batch_axes(mesh)))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.Sharding:

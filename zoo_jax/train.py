@@ -182,6 +182,29 @@ def evaluate(eval_step, params, dataset: mqar.MQARDataset, batch_size: int, mesh
 # ---------------------------------------------------------------------------------------------- Workdir
 
 
+def checkpoint_manager(workdir: str, keep: int) -> tuple[str, ocp.CheckpointManager]:
+  """(checkpoint directory, async Orbax manager keeping the last `keep`) of a workdir."""
+  ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  return ckpt_dir, ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+      max_to_keep=keep, enable_async_checkpointing=True))
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: dict[str, Any], progress: dict) -> None:
+  """Arrays (`state`, sharded as they are) and the JSON `progress` record, under `step`."""
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             progress=ocp.args.JsonSave(progress)))
+
+
+def restore_latest(manager: ocp.CheckpointManager, like: dict[str, Any]) -> tuple[dict, dict] | None:
+  """(state, progress) of the latest checkpoint, arrays placed with the shardings of `like`; None if none."""
+  if manager.latest_step() is None:
+    return None
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+  restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
+  return restored.state, restored.progress
+
+
 def _check_workdir_config(workdir: str, config_json: str) -> None:
   """A workdir holds one run: refuse to resume it under a different config (nothing is overwritten)."""
   path = os.path.join(workdir, "config.json")
@@ -282,31 +305,23 @@ def train_and_evaluate(config: Any, workdir: str, *, _kill_after_steps: int | No
   state_size = model_cfg.state_size()
 
   # Checkpoint: resume from the latest one in the workdir, if any.
-  ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-      max_to_keep=config.train.keep_checkpoints, enable_async_checkpointing=True))
+  ckpt_dir, manager = checkpoint_manager(workdir, config.train.keep_checkpoints)
   progress = dict(epoch=0, best_accuracy=-1.0, best_epoch=-1, stopped_early=False, history=[],
                   train_seconds=0.0, trained_steps=0)
   best_params = jax.tree.map(jnp.copy, params)  # a copy: `params` is donated to the train step
-  if manager.latest_step() is not None:
+  restored = restore_latest(manager, dict(params=params, opt_state=opt_state, best_params=params, step=step))
+  if restored is not None:
     latest = manager.latest_step()
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            dict(params=params, opt_state=opt_state, best_params=params, step=step))
-    restored = manager.restore(latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
-    params, opt_state, best_params, step = (restored.state[k_] for k_ in
-                                            ("params", "opt_state", "best_params", "step"))
-    progress = restored.progress
+    state, progress = restored
+    params, opt_state, best_params, step = (state[k_] for k_ in ("params", "opt_state", "best_params", "step"))
     logging.info("resumed from checkpoint at step %d (epoch %d)", latest, progress["epoch"])
   writer = _MetricsWriter(workdir)
   if int(step):
     writer.write(int(step), {}, event="resume")
 
   def save(step_value: int) -> None:
-    manager.save(step_value, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(dict(params=params, opt_state=opt_state, best_params=best_params,
-                                         step=step)),
-        progress=ocp.args.JsonSave(progress)))
+    save_checkpoint(manager, step_value, dict(params=params, opt_state=opt_state, best_params=best_params,
+                                              step=step), progress)
 
   print(f"training {model_cfg.mixer} d_model={model_cfg.d_model} n_layers={model_cfg.n_layers}: "
         f"{n_params:,} parameters, state size {state_size:,}, {steps_per_epoch} steps/epoch, "
