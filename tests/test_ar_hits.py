@@ -92,6 +92,8 @@ def test_bigram_counts_save_load(tmp_path):
   loaded = BigramCounts.load(path)
   chex.assert_trees_all_equal((loaded.codes, loaded.counts), (counts.codes, counts.counts))
   assert (loaded.vocab_size, loaded.num_tokens) == (50257, 300)
+  with pytest.raises(ValueError, match="codes must be sorted and unique"):
+    BigramCounts(np.array([5, 3]), np.array([1, 1]), vocab_size=10, num_tokens=3)
 
 
 @pytest.mark.parametrize("sequences,vocab_size,expected", [

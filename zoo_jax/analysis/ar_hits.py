@@ -151,6 +151,8 @@ class BigramCounts:
     if self.codes.ndim != 1 or self.codes.shape != self.counts.shape:
       raise ValueError(f"codes and counts must be 1-D of equal length, got shapes {self.codes.shape} and "
                        f"{self.counts.shape}")
+    if (np.diff(self.codes) <= 0).any() or (self.counts < 0).any():
+      raise ValueError("codes must be sorted and unique and counts non-negative (a BigramCounts table)")
 
   @property
   def num_bigrams(self) -> int:
@@ -361,7 +363,8 @@ class SliceStats:
     n = int(selected.size)
     mean_logprob = float(selected.mean()) if n else math.nan
     return cls(num_tokens=n, share=n / num_evaluated if num_evaluated else math.nan,
-               mean_logprob=mean_logprob, mean_nll=-mean_logprob, perplexity=math.exp(-mean_logprob))
+               mean_logprob=mean_logprob, mean_nll=-mean_logprob,
+               perplexity=math.inf if -mean_logprob >= 700 else math.exp(-mean_logprob))
 
 
 @dataclasses.dataclass(frozen=True)
