@@ -225,6 +225,6 @@ def test_figure2_paper_scale_is_zoologys_grid():
 
 def test_figure2_cpu_scale_expands():
   runs = sweep.expand_grid(_figure2_config("cpu"))
-  assert {r.mixer for r in runs} == {"attention", "base_conv"} and len(runs) == 24
+  assert {r.mixer for r in runs} == {"attention", "base_conv"} and len(runs) == 16
   with pytest.raises(ValueError, match="figure2 scale must be one of"):
     _figure2_config("tpu")

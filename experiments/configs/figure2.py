@@ -12,7 +12,7 @@ at L = 512; mixers attention, base_conv, hyena, h3 (d_state = L), rwkv, based, m
 `experiments/configs/mqar.py` configures them (2 layers, no MLP, Zoology's block).
 
 scale=cpu keeps the design and shrinks every axis to what 2 CPU cores train in about 45 minutes:
-attention and BaseConv, widths 64 / 128 / 256, (L, kv) in {(32, 4), (64, 8)}, learning rates 1e-3 and
+attention and BaseConv, widths 64 and 128, (L, kv) in {(32, 4), (64, 8)}, learning rates 1e-3 and
 3e-3, vocabulary 128, 24,000 training and 1,000 validation / test examples per length, batch 64, up to
 10 epochs (early stop above 0.99 validation accuracy).
 """
@@ -67,7 +67,7 @@ def get_config(scale: str | None = None) -> ml_collections.ConfigDict:
     c.train.eval_batch_size = 500
     c.sweep = dict(
         mixers=_models(["attention", "base_conv"]),
-        d_model=[64, 128, 256],
+        d_model=[64, 128],
         lengths=[dict(seq_len=l, num_kv_pairs=kv, train_examples=24_000, eval_examples=1_000)
                  for l, kv in ((32, 4), (64, 8))],
         learning_rate=[1e-3, 3e-3],
