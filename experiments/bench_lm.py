@@ -1,0 +1,100 @@
+r"""Training throughput and model FLOPs utilisation (MFU) of an LM preset (benchmark, not a test).
+
+  python experiments/bench_lm.py                                   # attention_125m, L=128, batch 4, CPU
+  python experiments/bench_lm.py --config=experiments/configs/lm.py:attention_125m --seq_len=1024 \
+      --batch_size=32 --dtype=bfloat16 --peak_tflops=989                        # H100
+
+Model FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B): 6·N + 12·n_layers·d·L for attention
+(N = parameters, the tied embedding counted once, since the head's matmul is real work; the second term is
+the attention scores and their weighted sum, forward and backward), 6·N for the other mixers (their
+convolution FLOPs are not counted). MFU = achieved model FLOP/s / peak FLOP/s. The peak is either given
+(`--peak_tflops`, e.g. 989 for an H100 SXM's dense bf16) or measured here as the best of a few large float32
+matmuls on the same backend (`--peak_tflops=0`, the default): on a CPU that is what XLA can reach, not the
+vendor's figure. Synthetic tokens; the step is zoo_jax.lm's (zoo_jax.train.make_train_step, every position
+labelled); the first (compiling) step is excluded.
+"""
+
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from zoo_jax import lm  # pylint: disable=g-import-not-at-top
+from zoo_jax import sharding  # pylint: disable=g-import-not-at-top
+from zoo_jax import train  # pylint: disable=g-import-not-at-top
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "lm.py:attention_125m"),
+    "An LM config (a preset of experiments/configs/lm.py).")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Sequence length.")
+_BATCH = flags.DEFINE_integer("batch_size", 4, "Global batch size.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps (after one compiling step).")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype (float32 on CPU: bfloat16 matmuls are slower there).")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s to divide by; 0 = measure a float32 matmul peak.")
+
+
+def measured_matmul_tflops(n: int = 2048, reps: int = 3) -> float:
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n**3 / best / 1e12
+
+
+def model_flops_per_token(n_params: int, n_layers: int, d_model: int, seq_len: int, attention: bool) -> float:
+  return 6 * n_params + (12 * n_layers * d_model * seq_len if attention else 0)
+
+
+def main(argv):
+  del argv
+  cfg = _CONFIG.value
+  cfg.data.seq_len = _SEQ_LEN.value
+  cfg.model.dtype = _DTYPE.value
+  cfg.train.batch_size = _BATCH.value
+  cfg, model_cfg, _ = lm.resolve(cfg)
+  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model, fsdp=cfg.mesh.fsdp)
+  graphdef, params, param_sh = train.init_model(model_cfg, mesh, cfg.seed)
+  tx, schedule = train.make_optimizer(cfg.train, cfg.train.steps)
+  opt_sh = train.optimizer_shardings(tx, params, param_sh, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+  step_fn = train.make_train_step(graphdef, tx, schedule, _SEQ_LEN.value, param_sh, opt_sh, mesh)
+  step = jnp.zeros((), jnp.int32)
+  rng = np.random.default_rng(0)
+  batches = [sharding.put_batch(lm.lm_batch(rng.integers(0, 50257, (_BATCH.value, _SEQ_LEN.value)).astype(np.int32)),
+                                mesh) for _ in range(_STEPS.value + 1)]
+  params, opt_state, step, m = step_fn(params, opt_state, step, batches[0])
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for batch in batches[1:]:
+    params, opt_state, step, m = step_fn(params, opt_state, step, batch)
+  jax.block_until_ready(m)
+  elapsed = time.perf_counter() - t0
+  n_params = train.count_params(params)
+  tokens_per_sec = _STEPS.value * _BATCH.value * _SEQ_LEN.value / elapsed
+  flops_token = model_flops_per_token(n_params, model_cfg.n_layers, model_cfg.d_model, _SEQ_LEN.value,
+                                      model_cfg.mixer["name"] == "attention")
+  achieved = tokens_per_sec * flops_token / 1e12
+  peak, peak_note = _PEAK.value, "given"
+  if peak <= 0:
+    peak, peak_note = measured_matmul_tflops(), "measured: best 2048² float32 matmul"
+  print(f"{model_cfg.mixer['name']} {model_cfg.n_layers}×{model_cfg.d_model}: {n_params:,} parameters, L={_SEQ_LEN.value}, batch {_BATCH.value}, {_DTYPE.value}, "
+        f"{jax.device_count()}× {jax.devices()[0].device_kind} ({jax.default_backend()})")
+  print(f"  {1000 * elapsed / _STEPS.value:,.0f} ms/step, {tokens_per_sec:,.0f} tokens/s, "
+        f"{flops_token / 1e9:.3f} GFLOP/token -> {achieved * 1e3:,.1f} GFLOP/s; peak {peak * 1e3:,.1f} GFLOP/s "
+        f"({peak_note}); MFU {100 * achieved / peak:.1f}%  (loss {float(m['loss']):.3f})")
+
+
+if __name__ == "__main__":
+  app.run(main)

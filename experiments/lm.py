@@ -1,0 +1,60 @@
+r"""Pretrains a language model: the embedded Shakespeare corpus by default, or Pile-format local shards.
+
+  python experiments/lm.py                                           # tiny attention on Shakespeare, CPU
+  python experiments/lm.py --config=experiments/configs/lm.py:base_conv --workdir=/tmp/zoo_jax_lm/base_conv
+  python experiments/lm.py --config=experiments/configs/lm.py:attention_125m \
+      --config.data.manual_dir=/data/pile --workdir=/ckpt/attention_125m
+  # several hosts: the same command on each, with
+  #   --coordinator_address=HOST0:1234 --num_processes=N --process_id=I
+
+The workdir gets config.json, metrics.jsonl, tb/ (TensorBoard), checkpoints/ (Orbax), summary.json, and
+the AR-hit analysis's inputs ar_eval.npz and bigram_counts.npz (`experiments/ar_gap.py RUN_A RUN_B`).
+Rerunning with the same workdir resumes from the latest checkpoint, reading the same next batches.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from zoo_jax import lm  # pylint: disable=g-import-not-at-top
+
+
+def _define_config_flag():
+  """`--config` with `--config.<key>=value` overrides; a bad override exits in one line (as mqar.py)."""
+  try:
+    return config_flags.DEFINE_config_file(
+        "config", os.path.join(os.path.dirname(__file__), "configs", "lm.py"), "LM run config.",
+        lock_config=True)
+  except (KeyError, AttributeError, ValueError, TypeError) as e:
+    bad = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.")]
+    detail = " ".join(str(e).replace("\\n", " ").replace("\n", " ").replace("\\'", "").strip("'\"").split())
+    sys.exit(f"error: bad config override among {bad}: {detail}")
+
+
+_CONFIG = _define_config_flag()
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/zoo_jax_lm/run", "Directory for checkpoints, metrics, results.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (several hosts).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes (hosts) taking part.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in [0, num_processes).")
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:  # Orbax and tfds log every step at INFO
+    logging.set_verbosity(logging.WARNING)
+  try:
+    lm.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    lm.resolve(_CONFIG.value)  # a one-line message naming the key, before anything is built or written
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  lm.train_lm(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
