@@ -25,11 +25,11 @@ def interpret() -> bool:
 
 
 def channel_block(channels: int, block_c: int | None) -> int:
-  """Channels per Pallas program: `block_c` if given, else 128 (a TPU lane tile, a Triton-friendly power of
-  two), or all channels when there are fewer. A last, partial block is padded by Pallas and its writes
+  """Channels per Pallas program: `block_c` if given, else 128 (a TPU lane tile) or 16 on GPU, or all
+  channels when there are fewer. A last, partial block is padded by Pallas and its writes
   masked; channels are independent, so padding never reaches a real output."""
-  if block_c is None:
-    return min(128, channels)
+  if block_c is None:  # GPU: 16, so that a program's (L, 16) tile fits on chip at long L (see _fftconv)
+    return min(16 if jax.default_backend() == "gpu" else 128, channels)
   if block_c < 1:
     raise ValueError(f"block_c must be >= 1, got {block_c}")
   return min(block_c, channels)

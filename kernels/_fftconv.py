@@ -33,7 +33,16 @@ programming model (`plgpu.kernel`, warpgroups, explicit SMEM/TMA pipelines; `pal
 deprecated) that shares nothing with the TPU kernel and could not be validated without a GPU in this
 session, while the Triton lowering of a grid + BlockSpec kernel exists unchanged in 0.10.2 and 0.11.x.
 A Mosaic GPU port is the next step when a GPU is available to test it. Triton needs power-of-two block
-shapes, so on GPU the Pallas path takes power-of-two L (the dispatchers fall back to XLA otherwise).
+shapes and 2-D dots with every dimension >= 16, so on GPU the Pallas path takes power-of-two L >= 256
+(`pallas_supported`; the dispatchers fall back to the XLA Monarch path otherwise). Both lowerings were
+checked without hardware (`jax.jit(...).trace(...).lower(lowering_platforms=('tpu',) / ('cuda',))` with
+interpret off: Mosaic TPU and Triton IR are produced); neither was compiled or run on a device here.
+
+Expected performance, unmeasured: one program holds a whole (L, block) tile of every intermediate on
+chip, which suits TPU VMEM (block 128 lanes) at moderate L; on GPU the tile lives in registers/shared
+memory, so the default GPU block is 16 channels and long L (8K, 16K) will spill. FlashFFTConv reaches its
+figures with a (b, c, l) layout (contiguous sequences), fp16/bf16 tensor-core matmuls and an
+order-3/4 decomposition for long L; this kernel reads (b, l, c), strided per channel.
 
 Backward (`jax.custom_vjp`; autodiff does not go through `pallas_call`). With v = g_in ⊙ u,
 z = h ∗ v + D ⊙ v, y = g_out ⊙ z and cotangent ȳ:
@@ -76,7 +85,7 @@ def _best_split(lp: int) -> tuple[int, int]:
   for m in range(1, lp + 1):
     if lp % m == 0:
       n1, n2 = lp // m, 2 * m
-      if best is None or n1 + n2 < sum(best):
+      if best is None or n1 + n2 <= sum(best):  # ties: the larger m (Triton's dot wants K >= 16)
         best = (n1, n2)
   return best
 
@@ -103,54 +112,68 @@ def _constants(p: Plan) -> tuple[np.ndarray, ...]:
   return tuple(a.astype(np.float32) for z in (f2, tw, f1) for a in (z.real, z.imag))
 
 
-def _einsum(spec, a, b, precision):
-  return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=jnp.float32)
+def _dot(a, b, precision):
+  return jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _pad_time(v: jax.Array, p: Plan) -> jax.Array:
-  """(..., L, c) -> (..., m, n1, c): zero-padded to Lp (not to 2·Lp: the other half is implicit)."""
-  if p.padded > p.length:
-    zeros = jnp.zeros((*v.shape[:-2], p.padded - p.length, v.shape[-1]), v.dtype)
-    v = jnp.concatenate([v, zeros], axis=-2)
-  return v.reshape(*v.shape[:-2], p.m, p.n1, v.shape[-1])
+def precision_for(dtype) -> jax.lax.Precision:
+  """float32 inputs: HIGHEST (exact float32 matmuls, float32-level agreement with the reference). bfloat16
+  inputs: DEFAULT, i.e. TF32 (GPU) or bfloat16 passes (TPU) with float32 accumulation, as FlashFFTConv's
+  half-precision matmuls; on CPU both are exact float32."""
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+# The transforms work on one (L, c) block with 2-D matmuls, reshapes and transposes only, the operations
+# every Pallas backend lowers (Triton's dot takes 2-D operands and no batch dimensions); the XLA path vmaps
+# them over the batch. Spectra are laid out (n2, c, n1): k2, channel, k1.
 
 
 def forward_dft(v: jax.Array, consts, p: Plan, precision=jax.lax.Precision.HIGHEST):
-  """DFT_N of real v (..., L, c) zero-padded to N = 2·Lp: (re, im), each (..., n2, n1, c) in (k2, k1)
-  order."""
+  """DFT_N of real v (L, c) zero-padded to N = 2·Lp: (re, im), each (n2, c, n1), [k2, c, k1]."""
   f2r, f2i, twr, twi, f1r, f1i = consts
-  a = _pad_time(v.astype(jnp.float32), p)
-  br = _einsum("kn,...nic->...kic", f2r, a, precision)  # stage one: real input, m columns of F_N2
-  bi = _einsum("kn,...nic->...kic", f2i, a, precision)
-  br, bi = br * twr[:, :, None] - bi * twi[:, :, None], br * twi[:, :, None] + bi * twr[:, :, None]
-  xr = _einsum("...kic,ij->...kjc", br, f1r, precision) - _einsum("...kic,ij->...kjc", bi, f1i, precision)
-  xi = _einsum("...kic,ij->...kjc", br, f1i, precision) + _einsum("...kic,ij->...kjc", bi, f1r, precision)
-  return xr, xi
+  c = v.shape[-1]
+  v = v.astype(jnp.float32)
+  if p.padded > p.length:
+    v = jnp.concatenate([v, jnp.zeros((p.padded - p.length, c), jnp.float32)], axis=0)
+  a = v.reshape(p.m, p.n1 * c)  # [n2 < m, (n1, c)]: the zero half (n2 >= m) is never built
+  # Stage one over n2 (real input: two real matmuls), then [k2, c, n1] and the twiddle ω_N^{n1·k2}.
+  br = jnp.transpose(_dot(f2r, a, precision).reshape(p.n2, p.n1, c), (0, 2, 1))
+  bi = jnp.transpose(_dot(f2i, a, precision).reshape(p.n2, p.n1, c), (0, 2, 1))
+  br, bi = br * twr[:, None, :] - bi * twi[:, None, :], br * twi[:, None, :] + bi * twr[:, None, :]
+  br, bi = br.reshape(p.n2 * c, p.n1), bi.reshape(p.n2 * c, p.n1)
+  # Stage two over n1.
+  xr = _dot(br, f1r, precision) - _dot(bi, f1i, precision)
+  xi = _dot(br, f1i, precision) + _dot(bi, f1r, precision)
+  return xr.reshape(p.n2, c, p.n1), xi.reshape(p.n2, c, p.n1)
 
 
 def inverse_dft(yr: jax.Array, yi: jax.Array, consts, p: Plan, precision=jax.lax.Precision.HIGHEST):
-  """The real part of IDFT_N of a (k2, k1)-ordered spectrum (..., n2, n1, c), outputs t < L only."""
+  """The real part of IDFT_N of a spectrum (n2, c, n1) from `forward_dft`, outputs t < L only: (L, c)."""
   f2r, f2i, twr, twi, f1r, f1i = consts
-  # conj(F_N1) over k1 (F_N1 is symmetric), then the conjugate twiddle.
-  dr = _einsum("...kjc,ji->...kic", yr, f1r, precision) + _einsum("...kjc,ji->...kic", yi, f1i, precision)
-  di = _einsum("...kjc,ji->...kic", yi, f1r, precision) - _einsum("...kjc,ji->...kic", yr, f1i, precision)
-  dr, di = dr * twr[:, :, None] + di * twi[:, :, None], di * twr[:, :, None] - dr * twi[:, :, None]
-  # Re(conj(F_N2)[n2 < m, :] @ D) = F_N2r^T D_r + F_N2i^T D_i.
-  x = _einsum("kn,...kic->...nic", f2r, dr, precision) + _einsum("kn,...kic->...nic", f2i, di, precision)
-  x = x.reshape(*x.shape[:-3], p.padded, x.shape[-1]) * (1.0 / (p.n1 * p.n2))
-  return x[..., :p.length, :]
+  c = yr.shape[1]
+  yr, yi = yr.reshape(p.n2 * c, p.n1), yi.reshape(p.n2 * c, p.n1)
+  # conj(F_N1) over k1 (F_N1 is symmetric), then the conjugate twiddle, then [k2, (n1, c)].
+  dr = (_dot(yr, f1r, precision) + _dot(yi, f1i, precision)).reshape(p.n2, c, p.n1)
+  di = (_dot(yi, f1r, precision) - _dot(yr, f1i, precision)).reshape(p.n2, c, p.n1)
+  dr, di = dr * twr[:, None, :] + di * twi[:, None, :], di * twr[:, None, :] - dr * twi[:, None, :]
+  dr = jnp.transpose(dr, (0, 2, 1)).reshape(p.n2, p.n1 * c)
+  di = jnp.transpose(di, (0, 2, 1)).reshape(p.n2, p.n1 * c)
+  # Re(conj(F_N2)[n2 < m, :] @ D) = F_N2r^T D_r + F_N2i^T D_i: only the rows of outputs t < Lp.
+  x = (_dot(f2r.T, dr, precision) + _dot(f2i.T, di, precision)).reshape(p.padded, c)
+  x = x * (1.0 / (p.n1 * p.n2))
+  return x if p.padded == p.length else x[:p.length]
 
 
 def filter_spectrum(h_lc: jax.Array, p: Plan) -> tuple[jax.Array, jax.Array]:
-  """The spectrum of h (l_h <= L, c), zero-padded to N, in the order `forward_dft` gives: (n2, n1, c)."""
+  """The spectrum of h (l_h <= L, c), zero-padded to N, laid out as `forward_dft` gives: (n2, c, n1)."""
   h_lc = jnp.pad(h_lc.astype(jnp.float32), ((0, p.length - h_lc.shape[0]), (0, 0)))
   return forward_dft(h_lc, _constants(p), p)
 
 
-def _core(v, hr, hi, d, consts, p):
-  """h ∗ v (+ D ⊙ v) for float32 v (..., L, c), in the Monarch form."""
-  xr, xi = forward_dft(v, consts, p)
-  z = inverse_dft(xr * hr - xi * hi, xr * hi + xi * hr, consts, p)
+def _core(v, hr, hi, d, consts, p, precision):
+  """h ∗ v (+ D ⊙ v) for one float32 block v (L, c), in the Monarch form."""
+  xr, xi = forward_dft(v, consts, p, precision)
+  z = inverse_dft(xr * hr - xi * hi, xr * hi + xi * hr, consts, p, precision)
   return z if d is None else z + d * v
 
 
@@ -161,7 +184,8 @@ def monarch_gated(u, h_lc, in_gate, out_gate, d):
   v = _gated_input(u, in_gate)
   hr, hi = filter_spectrum(h_lc, p)
   consts = tuple(jnp.asarray(c) for c in _constants(p))
-  z = _core(v, hr, hi, None if d is None else d.astype(jnp.float32), consts, p)
+  d = None if d is None else d.astype(jnp.float32)
+  z = jax.vmap(lambda v_: _core(v_, hr, hi, d, consts, p, precision_for(u.dtype)))(v)
   return _gated_output(z, out_gate, u.dtype)
 
 
@@ -184,8 +208,9 @@ def _pallas_forward(u, g_in, g_out, hr, hi, d, *, block_c: int | None, out_dtype
   cb = _dispatch.channel_block(c, block_c)
   consts = _constants(p)
   has = (g_in is not None, g_out is not None, d is not None)
+  precision = precision_for(u.dtype)
   seq_spec = pl.BlockSpec((None, l, cb), lambda i, j: (i, 0, j))
-  spec_spec = pl.BlockSpec((p.n2, p.n1, cb), lambda i, j: (0, 0, j))
+  spec_spec = pl.BlockSpec((p.n2, cb, p.n1), lambda i, j: (0, j, 0))
   const_specs = [pl.BlockSpec(x.shape, lambda i, j: (0, 0)) for x in consts]
   operands = [u] + [x for x, present in zip((g_in, g_out), has[:2]) if present] + [hr, hi]
   in_specs = [seq_spec] * (1 + sum(has[:2])) + [spec_spec, spec_spec]
@@ -205,7 +230,7 @@ def _pallas_forward(u, g_in, g_out, hr, hi, d, *, block_c: int | None, out_dtype
     const_refs, (y_ref,) = refs[:6], refs[6:]
     v = _gated_input(u_ref[...], None if g_in_ref is None else g_in_ref[...])
     z = _core(v, hr_ref[...], hi_ref[...], None if d_ref is None else d_ref[...],
-              tuple(r[...] for r in const_refs), p)
+              tuple(r[...] for r in const_refs), p, precision)
     y_ref[...] = _gated_output(z, None if g_out_ref is None else g_out_ref[...], y_ref.dtype)
 
   return pl.pallas_call(
@@ -256,14 +281,25 @@ def _pallas_gated_bwd(block_c, residuals, ybar):
 pallas_gated.defvjp(_pallas_gated_fwd, _pallas_gated_bwd)
 
 
-def triton_compatible(length: int, channels_block: int) -> bool:
-  """Triton blocks must be powers of two: the GPU Pallas path needs L and the channel block to be."""
-  return all(x > 0 and x & (x - 1) == 0 for x in (length, channels_block))
-
-
 def pallas_supported(length: int, channels: int, block_c: int | None = None) -> bool:
-  """Whether the compiled Pallas path takes this shape on the current backend: anything in interpret mode
-  and on TPU; on GPU (Triton) power-of-two L and channel block only."""
-  if jax.default_backend() != "gpu":
+  """Whether the compiled Pallas path takes this shape on the current backend: anything in interpret mode.
+  On TPU (Mosaic): a channel block of a multiple of 128 lanes or all channels. On GPU (Triton):
+  power-of-two L >= 256 (so that both DFT stages are matmuls with every dimension >= 16, as Triton's dot
+  requires) and a power-of-two channel block."""
+  backend, cb = jax.default_backend(), _dispatch.channel_block(channels, block_c)
+  if backend == "tpu":
+    return cb % 128 == 0 or cb == channels
+  if backend != "gpu":
     return True
-  return triton_compatible(length, _dispatch.channel_block(channels, block_c))
+  p = plan(length)
+  return _power_of_two(length) and _power_of_two(cb) and min(p.m, p.n1) >= 16
+
+
+def check_pallas_supported(length: int, channels: int, block_c: int | None = None) -> None:
+  if not pallas_supported(length, channels, block_c):
+    raise ValueError(f"the pallas path on {jax.default_backend()} cannot take length {length} with channel "
+                     f"block {_dispatch.channel_block(channels, block_c)} (see _fftconv.pallas_supported)")
+
+
+def _power_of_two(x: int) -> bool:
+  return x > 0 and x & (x - 1) == 0

@@ -8,13 +8,15 @@ must match the `reference` (Toeplitz, float32) in value and in the gradients wit
 gates and D, for odd and power-of-two lengths and a channel count the Pallas channel block does not divide.
 """
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import _fftconv, gated_conv
+from kernels import _dispatch, _fftconv, gated_conv
 
 B, C = 2, 5
 BLOCK_C = 4  # does not divide C: the last channel block is partial
@@ -27,8 +29,8 @@ PATHS = {
     "pallas": lambda *a: gated_conv.gated_conv_pallas(*a, block_c=BLOCK_C),
 }
 # (path, l, l_h): odd and power-of-two lengths, a filter shorter than the sequence.
-# pallas at l = 16 runs in the optional-operand and bfloat16 tests below.
-CASES = [(p, l, l_h) if (p, l) != ("pallas", 16) else pytest.param(p, l, l_h, marks=pytest.mark.slow)
+# monarch and pallas at l = 16 run with -m slow (and pallas in the optional-operand test below).
+CASES = [(p, l, l_h) if p == "xla" or l != 16 else pytest.param(p, l, l_h, marks=pytest.mark.slow)
          for p in PATHS for l, l_h in [(7, 7), (16, 5), (33, 33)]]
 
 
@@ -66,11 +68,26 @@ def _value_and_grads(fn, operands, present=(True, True, True)):
   return y, grads
 
 
+def _skip_unless_pallas_takes(path, l):
+  """On GPU the compiled kernel takes power-of-two L >= 256 only (the interpreted one takes any L)."""
+  if path == "pallas" and not _fftconv.pallas_supported(l, C, BLOCK_C):
+    pytest.skip(f"the compiled Pallas path on {jax.default_backend()} does not take L = {l}")
+
+
+@functools.cache
+def _reference(l, l_h, dtype=jnp.float32, present=(True, True, True), exact=False):
+  """The reference's value and gradients, once per set of operands (`exact`: on the operands in float32)."""
+  operands = _operands(l, l_h, dtype)
+  if exact:
+    operands = tuple(x.astype(jnp.float32) for x in operands)
+  return _value_and_grads(gated_conv.gated_conv_reference, operands, present)
+
+
 @pytest.mark.parametrize("path,l,l_h", CASES)
 def test_paths_match_reference_value_and_gradients(path, l, l_h):
-  operands = _operands(l, l_h)
-  y_ref, g_ref = _value_and_grads(gated_conv.gated_conv_reference, operands)
-  y, g = _value_and_grads(PATHS[path], operands)
+  _skip_unless_pallas_takes(path, l)
+  y_ref, g_ref = _reference(l, l_h)
+  y, g = _value_and_grads(PATHS[path], _operands(l, l_h))
   chex.assert_shape(y, (B, l, C))
   chex.assert_type(y, jnp.float32)
   _assert_close_to_scale(y, y_ref, FWD_RTOL, f"{path} y")
@@ -79,13 +96,15 @@ def test_paths_match_reference_value_and_gradients(path, l, l_h):
     _assert_close_to_scale(a, e, GRAD_RTOL, f"{path} {name}")
 
 
-# Gates and D absent: the kernel and its VJP take a different set of operands.
-@pytest.mark.parametrize("present", [(False, True, False), (True, False, True)],
+# Gates and D absent: the kernel and its VJP take a different set of operands (no out_gate: the
+# long_conv tests, which pass D and no gates).
+@pytest.mark.parametrize("present", [(False, True, False),
+                                     pytest.param((True, False, True), marks=pytest.mark.slow)],
                          ids=["out_gate_only", "in_gate_and_d"])
 def test_pallas_with_optional_operands_absent(present):
-  operands = _operands(16, 16)
-  y_ref, g_ref = _value_and_grads(gated_conv.gated_conv_reference, operands, present)
-  y, g = _value_and_grads(PATHS["pallas"], operands, present)
+  _skip_unless_pallas_takes("pallas", 16)
+  y_ref, g_ref = _reference(16, 16, present=present)
+  y, g = _value_and_grads(PATHS["pallas"], _operands(16, 16), present)
   _assert_close_to_scale(y, y_ref, FWD_RTOL, "y")
   assert len(g) == len(g_ref) == 2 + sum(present)
   for a, e in zip(g, g_ref):
@@ -98,15 +117,15 @@ def test_pallas_with_optional_operands_absent(present):
 # measured <= 2^-9 of |y| + 3e-7 of the scale here. The gradients of u and the gates are rounded once
 # too, from float32 values that already differ by round-off, so they may land one ulp (2^-7) apart.
 @pytest.mark.parametrize("path,l,l_h", [pytest.param("xla", 33, 10, marks=pytest.mark.slow),
-                                        ("monarch", 33, 10), ("pallas", 16, 16)])
+                                        pytest.param("monarch", 33, 33, marks=pytest.mark.slow),
+                                        ("pallas", 33, 33)])
 def test_bfloat16_inputs_with_float32_filter(path, l, l_h):
-  operands = _operands(l, l_h, jnp.bfloat16)
-  y_ref, g_ref = _value_and_grads(gated_conv.gated_conv_reference, operands)
-  y, g = _value_and_grads(PATHS[path], operands)
+  _skip_unless_pallas_takes(path, l)
+  y_ref, g_ref = _reference(l, l_h, jnp.bfloat16)
+  y, g = _value_and_grads(PATHS[path], _operands(l, l_h, jnp.bfloat16))
   chex.assert_type([y, g[0], g[2], g[3]], jnp.bfloat16)
   chex.assert_type([g[1], g[4]], jnp.float32)
-  y_exact = np.asarray(_value_and_grads(gated_conv.gated_conv_reference,
-                                        tuple(x.astype(jnp.float32) for x in operands))[0], np.float64)
+  y_exact = np.asarray(_reference(l, l_h, jnp.bfloat16, exact=True)[0], np.float64)
   err = np.abs(np.asarray(y, np.float64) - y_exact)
   bound = 2.0**-8 * np.abs(y_exact) + 1e-5 * np.abs(y_exact).max()
   assert (err <= bound).all(), f"max excess {np.max(err - bound):.3g}"
@@ -140,6 +159,45 @@ def test_bad_arguments_are_one_line_value_errors(kwargs, message):
     gated_conv.gated_conv(u, h, **kwargs)
 
 
+# ----------------------------------------------------------------------------- compiled (not interpreted)
+
+
+@pytest.mark.parametrize("target", ["tpu", "cuda"])
+def test_pallas_kernel_and_its_vjp_lower_for_tpu_and_gpu(target, monkeypatch):
+  """Lowering only, no device needed: Mosaic TPU / Triton IR for the forward and backward kernels (what
+  runs on the accelerators; interpret mode never exercises these lowerings)."""
+  monkeypatch.setattr(_dispatch, "interpret", lambda: False)
+  if target == "cuda":
+    from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
+    monkeypatch.setattr(_dispatch, "compiler_params", lambda: pltriton.CompilerParams(num_warps=4))
+  c, block_c = (256, 128) if target == "tpu" else (32, 16)  # TPU blocks: 128 lanes; Triton: powers of 2
+  u = jax.ShapeDtypeStruct((2, 256, c), jnp.bfloat16)
+  h = jax.ShapeDtypeStruct((256, c), jnp.float32)
+  d = jax.ShapeDtypeStruct((c,), jnp.float32)
+
+  def loss(u_, h_, gi, go, d_):
+    return jnp.sum(gated_conv.gated_conv_pallas(u_, h_, gi, go, d_, block_c=block_c).astype(jnp.float32))
+
+  text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))).trace(u, h, u, u, d).lower(
+      lowering_platforms=(target,)).as_text()
+  # Three kernel calls: the forward, and in the backward v̄ (conjugate spectrum) and z (recomputed).
+  marker = "custom_call @tpu_custom_call" if target == "tpu" else "custom_call @__gpu$xla.gpu.triton"
+  assert text.count(marker) == 3, f"{text.count(marker)} kernels lowered for {target}, expected 3"
+
+
+@pytest.mark.skipif(jax.default_backend() == "cpu", reason="compiled Pallas needs a GPU or TPU")
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-4), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("l", [256, 1024])
+def test_compiled_pallas_matches_reference(l, dtype, rtol):
+  # On an accelerator bfloat16 inputs run DEFAULT-precision matmuls (TF32 / bf16 passes): 2% of the scale.
+  operands = _operands(l, l, dtype, c=32)
+  y_ref, g_ref = _value_and_grads(gated_conv.gated_conv_reference, operands)
+  y, g = _value_and_grads(gated_conv.gated_conv_pallas, operands)
+  _assert_close_to_scale(y, y_ref, rtol, "y")
+  for a, e in zip(g, g_ref):
+    _assert_close_to_scale(a, e, 10 * rtol, "grad")
+
+
 # ------------------------------------------------------------------------------------------- Monarch FFT
 
 
@@ -153,14 +211,14 @@ def test_plan_factorises_2l_with_little_padding(l):
     assert max(p.n1, p.n2) <= 2 * np.sqrt(2 * p.padded)
 
 
-@pytest.mark.parametrize("l", [7, 16, 33, 100])
-def test_forward_dft_is_the_zero_padded_fft_in_k2_k1_order(l):
+@pytest.mark.parametrize("l", [7, 100])
+def test_forward_dft_is_the_zero_padded_fft_in_k2_c_k1_layout(l):
   p = _fftconv.plan(l)
   x = _rand((l, 3), 5)
   xr, xi = _fftconv.forward_dft(x, _fftconv._constants(p), p)
-  chex.assert_shape([xr, xi], (p.n2, p.n1, 3))
+  chex.assert_shape([xr, xi], (p.n2, 3, p.n1))
   full = np.fft.fft(np.asarray(x, np.float64), n=2 * p.padded, axis=0)  # X[k], k = n2·k1 + k2
-  expected = full.reshape(p.n1, p.n2, 3).transpose(1, 0, 2)  # [k2, k1]
+  expected = full.reshape(p.n1, p.n2, 3).transpose(1, 2, 0)  # [k2, c, k1]
   scale = np.abs(full).max()
   assert np.abs(np.asarray(xr) - expected.real).max() <= 1e-5 * scale
   assert np.abs(np.asarray(xi) - expected.imag).max() <= 1e-5 * scale

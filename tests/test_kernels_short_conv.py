@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import short_conv
+from kernels import _dispatch, short_conv
 from zoo_jax import layers
 
 B, C = 2, 5
@@ -52,8 +52,11 @@ def _value_and_grads(fn, u, w, b, activation):
 
 # (k, l): Zoology's and Mamba's widths, odd and power-of-two lengths, and a kernel wider than the sequence.
 @pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("k,l,activation", [(2, 7, None), (3, 16, "silu"), (4, 3, "silu"), (4, 33, None)])
+@pytest.mark.parametrize("k,l,activation", [(2, 7, None), (3, 16, "silu"), (4, 3, "silu"),
+                                            pytest.param(4, 33, None, marks=pytest.mark.slow)])
 def test_paths_match_reference_value_and_gradients(path, k, l, activation):
+  if path == "pallas" and not short_conv.pallas_supported(C, BLOCK_C):
+    pytest.skip(f"the compiled Pallas short conv on {jax.default_backend()} does not take this block")
   u, w, b = _rand((B, l, C), 0), _rand((k, C), 1), _rand((C,), 2)
   y_ref, g_ref = _value_and_grads(short_conv.short_conv_reference, u, w, b, activation)
   y, g = _value_and_grads(PATHS[path], u, w, b, activation)
@@ -61,6 +64,18 @@ def test_paths_match_reference_value_and_gradients(path, k, l, activation):
   _assert_close_to_scale(y, y_ref, RTOL, "y")
   for name, a, e in zip(["d/du", "d/dw", "d/db"], g, g_ref):
     _assert_close_to_scale(a, e, 10 * RTOL, name)
+
+
+def test_pallas_kernel_and_its_vjp_lower_for_tpu(monkeypatch):
+  """Lowering only, no TPU needed: Mosaic for the forward and the two backward kernel calls (SiLU's
+  pre-activation and ū). Triton has no slice, so on GPU 'pallas' runs 'xla' (see kernels/short_conv)."""
+  monkeypatch.setattr(_dispatch, "interpret", lambda: False)
+  u = jax.ShapeDtypeStruct((2, 64, 256), jnp.bfloat16)
+  w, b = jax.ShapeDtypeStruct((4, 256), jnp.float32), jax.ShapeDtypeStruct((256,), jnp.float32)
+  loss = lambda *a: jnp.sum(short_conv.short_conv_pallas(*a, "silu").astype(jnp.float32))
+  text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(u, w, b).lower(
+      lowering_platforms=("tpu",)).as_text()
+  assert text.count("custom_call @tpu_custom_call") == 3
 
 
 def test_reference_matches_the_definition():

@@ -58,6 +58,7 @@ def gated_conv_monarch(u, h_lc, in_gate=None, out_gate=None, d_c=None):
 
 def gated_conv_pallas(u, h_lc, in_gate=None, out_gate=None, d_c=None, *, block_c=None):
   _check(u, h_lc, in_gate, out_gate, d_c)
+  _fftconv.check_pallas_supported(u.shape[1], u.shape[2], block_c)
   return _fftconv.pallas_gated(u, h_lc, in_gate, out_gate, d_c, block_c)
 
 

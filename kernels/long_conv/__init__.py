@@ -78,6 +78,7 @@ def causal_conv_monarch(u_blc: jax.Array, h_lc: jax.Array, d_c: jax.Array | None
 def causal_conv_pallas(u_blc: jax.Array, h_lc: jax.Array, d_c: jax.Array | None = None, *,
                        block_c: int | None = None) -> jax.Array:
   check_shapes("causal_conv", u_blc, h_lc, d_c)
+  _fftconv.check_pallas_supported(u_blc.shape[1], u_blc.shape[2], block_c)
   return _fftconv.pallas_gated(u_blc, h_lc, None, None, d_c, block_c)
 
 

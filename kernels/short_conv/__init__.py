@@ -13,6 +13,8 @@ Paths:
   pallas     one kernel per (batch row, channel block): taps, bias and activation on chip in float32, one
              read of u and one write of y; backward by `jax.custom_vjp` (ū is the same kernel on the
              time-reversed cotangent, w̄ and b̄ are reductions in XLA).
+The Pallas kernel lowers to Mosaic TPU (checked by lowering for 'tpu' without hardware); on GPU
+'pallas' runs `xla`, because Pallas's Triton lowering has no slice for the k shifted copies.
 The default is `xla` on every backend: XLA already fuses the k shifted multiply-adds and the activation
 into one loop, and on CPU the interpreted Pallas path is for tests only.
 """
@@ -85,7 +87,8 @@ def _pallas_forward(u, w_kc, b_c, activation, block_c, out_dtype):
 
   return pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((b, l, c), out_dtype), grid=(b, pl.cdiv(c, cb)),
-      in_specs=[seq_spec, pl.BlockSpec((k, cb), lambda i, j: (0, j)), pl.BlockSpec((1, cb), lambda i, j: (0, j))],
+      in_specs=[seq_spec, pl.BlockSpec((k, cb), lambda i, j: (0, j)),
+                pl.BlockSpec((1, cb), lambda i, j: (0, j))],
       out_specs=seq_spec, interpret=_dispatch.interpret(), compiler_params=_dispatch.compiler_params(),
       name="short_conv")(u, w_kc, bias)
 
@@ -118,8 +121,18 @@ def _pallas_bwd(activation, block_c, residuals, ybar):
 _pallas.defvjp(_pallas_fwd, _pallas_bwd)
 
 
+def pallas_supported(channels: int, block_c: int | None = None) -> bool:
+  """Interpreted (CPU): always. TPU: a channel block of a multiple of 128 lanes or all channels. GPU:
+  never (the shifts are slices, which Pallas's Triton lowering does not have)."""
+  backend, cb = jax.default_backend(), _dispatch.channel_block(channels, block_c)
+  return backend == "cpu" or (backend == "tpu" and (cb % 128 == 0 or cb == channels))
+
+
 def short_conv_pallas(u, w_kc, b_c=None, activation=None, *, block_c=None):
   _check(u, w_kc, b_c, activation)
+  if not pallas_supported(u.shape[-1], block_c):
+    raise ValueError(f"the short_conv pallas path on {jax.default_backend()} cannot take channel block "
+                     f"{_dispatch.channel_block(u.shape[-1], block_c)} (see short_conv.pallas_supported)")
   return _pallas(u, w_kc, b_c, activation, block_c)
 
 
@@ -127,5 +140,7 @@ def short_conv(u_blc: jax.Array, w_kc: jax.Array, b_c: jax.Array | None = None, 
                activation: str | None = None, implementation: str | None = None) -> jax.Array:
   """act(b + Σ_j w[j] ⊙ u[t-(k-1)+j]) for u (b, l, c), w (k, c), b (c,) or None; act None or 'silu'."""
   implementation = _dispatch.resolve("short_conv", implementation, IMPLEMENTATIONS, FASTEST)
+  if implementation == "pallas" and not pallas_supported(u_blc.shape[-1]):
+    implementation = "xla"
   return {"reference": short_conv_reference, "xla": short_conv_xla,
           "pallas": short_conv_pallas}[implementation](u_blc, w_kc, b_c, activation)
