@@ -30,8 +30,9 @@ Differences from fla:
   `experiments/bench_recurrence.py`).
 - The short convolution (`layers.ShortConvolution`, one over q, k, v together, the same depthwise
   arithmetic as fla's three) has a bias; fla's default `conv_bias=False` has none.
-- All projections, W_O too, are initialised as every zoo_jax mixer: N(0, 0.02), biases 0, W_O
-  N(0, 0.02/sqrt(2·n_layers)) (fla's `_init_weights` does the same up to its residual rescaling).
+- All projections are initialised as every zoo_jax mixer (`layers.linear`): N(0, 0.02), biases 0 (so
+  α ≈ σ(0)^(1/16) ≈ 0.96 at init), W_O N(0, 0.02/sqrt(2·n_layers)); fla's and Zoology's model-level
+  `_init_weights` were not reproduced name by name for this layer.
 - The recurrence runs in float32 at the highest matmul precision, not in Triton kernels; the projections
   in the compute dtype. Not options: `num_kv_heads` (grouped keys), `feature_map`, `gate_fn` other than
   swish, `elementwise_affine=False`, the kernel `mode`s.
