@@ -8,11 +8,13 @@ Per head, with log-decays γ_t <= 0 (one per key channel, or one scalar broadcas
     S_t = diag(exp(γ_t)) S_{t−1} + k_t v_tᵀ          (k × v, S_0 = 0)
     o_t = S_tᵀ q_t
 
-GLA (Yang et al. 2024, eq. 1 / Section 4.1: q, k, v, α_t = exp(γ_t) per key channel) is this recurrence
-as written; Mamba-2's SSD (Dao & Gu 2024, Section 3 / eq. 12–16: h_t = a_t h_{t−1} + B_t x_tᵀ,
-y_t = h_tᵀ C_t with scalar a_t = exp(Δ_t A)) is it with q = C, k = B, v = Δ x and a scalar γ = Δ A.
+GLA (Yang et al. 2024, Section 4.1: q, k, v, α_t = exp(γ_t) per key channel) is this recurrence as
+written; Mamba-2's SSD (Dao & Gu 2024, Sections 3 and 5: the selective SSM h_t = A_t h_{t−1} + B_t x_t,
+y_t = C_tᵀ h_t with A_t = a_t·I, a scalar times the identity, a_t = exp(Δ_t A)) is it with q = C, k = B,
+v = Δ x and a scalar γ = Δ A.
 
-Chunked form (GLA Section 4.2 "chunkwise parallel form", SSD Section 6 "the SSD algorithm"): with
+Chunked form (GLA Section 4.2, the chunkwise parallel form; SSD Section 6, the block-decomposition
+algorithm): with
 Γ_t = Σ_{s<=t in its chunk} γ_s (an inclusive cumulative sum of log-decays inside each chunk of c tokens),
 
     intra-chunk    o_t  = Σ_{s<=t, same chunk} (Σ_k q_tk k_sk exp(Γ_tk − Γ_sk)) v_s

@@ -8,13 +8,13 @@ Training"), with the structure and defaults of `fla`'s `GatedLinearAttention` la
     S_t = diag(α_t) S_{t−1} + k_tᵀ v_t            per head, (K/H × V/H)                      (Section 4.1)
     o_t = (q_t / sqrt(K/H)) S_t
     out = (RMSNorm_head(o) ⊙ swish(x W_r)) W_O     per-head RMSNorm (weight shared by the heads), the
-                                                  output gate                                   (eq. 4)
+                                                  output gate (the GLA Transformer layer, Section 4.4)
 
 Dimension legend: b batch, l length, d model width, h heads, k key width per head (K/H), v value width
 per head (V/H), r the gate's rank (gate_low_rank_dim).
 
-The parallel form is the chunkwise form (Section 4.2) in its log-space stable variant: inside a chunk of
-`chunk_size` tokens the weights exp(Σ_{s<u<=t} log α_u) per key channel are formed pairwise (never
+The parallel form is the chunkwise form (Section 4.2; its secondary chunking, Section 4.3, at one level)
+in its log-space stable variant: inside a chunk of `chunk_size` tokens the weights exp(Σ_{s<u<=t} log α_u) per key channel are formed pairwise (never
 exp(±cumulative sums), which overflow), across chunks the states are passed by a `lax.scan`
 (`_chunked_gla.chunked` states the algorithm and its numerics: float32, every exponent <= 0). `step` is
 the recurrence, one token at a time.

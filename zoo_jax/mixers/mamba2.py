@@ -3,10 +3,10 @@
     z, xBC, δ = split(u W_in)                   widths e, e + 2·g·n, H   (e = expand·d, H = e / p heads)
     x, B, C = split(SiLU(causal depthwise conv_{d_conv}(xBC)))     widths e, g·n, g·n
     Δ = softplus(δ + b_dt)                        (b, l, H): one step size per head and token
-    A = −exp(A_log)                               (H,): a scalar times the identity per head (Section 7.1)
+    A = −exp(A_log)                               (H,): a scalar times the identity per head (Section 5)
     h_t = exp(Δ_t A) h_{t−1} + B_t (Δ_t x_t)ᵀ    per head, (n × p); B, C shared by the H/g heads of a group
-    y_t = h_tᵀ C_t + D x_t                        (eq. 13–16; D one scalar per head)
-    out = RMSNorm_g(y ⊙ SiLU(z)) W_out           gated RMSNorm over each group's e/g channels (Section 7.4)
+    y_t = h_tᵀ C_t + D x_t                        (Section 3's selective SSM; D one scalar per head)
+    out = RMSNorm_g(y ⊙ SiLU(z)) W_out           gated RMSNorm over each group's e/g channels (Section 7)
 
 Dimension legend: b batch, l length, d model width, e inner width, h / H heads, p head width (head_dim),
 n state width (d_state), g groups of B, C (ngroups), k conv width.
