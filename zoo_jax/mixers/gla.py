@@ -14,10 +14,10 @@ Dimension legend: b batch, l length, d model width, h heads, k key width per hea
 per head (V/H), r the gate's rank (gate_low_rank_dim).
 
 The parallel form is the chunkwise form (Section 4.2; its secondary chunking, Section 4.3, at one level)
-in its log-space stable variant: inside a chunk of `chunk_size` tokens the weights exp(Σ_{s<u<=t} log α_u) per key channel are formed pairwise (never
-exp(±cumulative sums), which overflow), across chunks the states are passed by a `lax.scan`
-(`_chunked_gla.chunked` states the algorithm and its numerics: float32, every exponent <= 0). `step` is
-the recurrence, one token at a time.
+in its log-space stable variant: inside a chunk of `chunk_size` tokens the weights
+exp(Σ_{s<u<=t} log α_u) per key channel are formed pairwise (never exp(±cumulative sums), which
+overflow), across chunks the states are passed by a `lax.scan` (`_chunked_gla.chunked` states the
+algorithm and its numerics: float32, every exponent <= 0). `step` is the recurrence, one token at a time.
 
 Hyperparameters (fla's defaults): `num_heads` = 4, `expand_k` = 0.5, `expand_v` = 1, `gate_low_rank_dim`
 = 16, `gate_logit_normalizer` = 16, `clamp_min` = None (a floor on log α), `use_short_conv` = False,
