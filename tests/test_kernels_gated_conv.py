@@ -139,15 +139,15 @@ def test_bfloat16_inputs_with_float32_filter(path, l, l_h):
 
 def test_default_is_xla_on_cpu_and_gates_do_what_they_say():
   u, h, g_in, g_out, d = _operands(16, 16)
-  chex.assert_trees_all_equal(gated_conv.gated_conv(u, h, in_gate=g_in, out_gate=g_out, d_c=d),
-                              gated_conv.gated_conv_fft(u, h, g_in, g_out, d))
+  op = jax.jit(gated_conv.gated_conv, static_argnames="implementation")
+  chex.assert_trees_all_equal(op(u, h, in_gate=g_in, out_gate=g_out, d_c=d),
+                              jax.jit(gated_conv.gated_conv_fft)(u, h, g_in, g_out, d))
   # out_gate multiplies the output, in_gate the input; with neither it is the plain convolution.
-  plain = np.asarray(gated_conv.gated_conv(u, h, implementation="reference"))
-  gated = np.asarray(gated_conv.gated_conv(u, h, out_gate=g_out, implementation="reference"))
-  np.testing.assert_allclose(gated, plain * np.asarray(g_out), rtol=1e-6, atol=1e-6)
-  pre = np.asarray(gated_conv.gated_conv(u * g_in, h, implementation="reference"))
-  np.testing.assert_allclose(np.asarray(gated_conv.gated_conv(u, h, in_gate=g_in, implementation="reference")),
-                             pre, rtol=1e-6, atol=1e-6)
+  plain = np.asarray(op(u, h, implementation="xla"))
+  np.testing.assert_allclose(np.asarray(op(u, h, out_gate=g_out, implementation="xla")),
+                             plain * np.asarray(g_out), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(op(u, h, in_gate=g_in, implementation="xla")),
+                             np.asarray(op(u * g_in, h, implementation="xla")), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs,message", [
