@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from zoo_jax import notebook_utils
+from zoo_jax import sweep
+from zoo_jax.analysis import ar_hits
 from zoo_jax.data import mqar
 
 pytestmark = pytest.mark.notebooks
@@ -62,20 +64,75 @@ def test_opens_with_badge_parameters_and_install(name):
 # ---------------------------------------------------------------------------------------------- Execution
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
-def test_runs_headless(name, tmp_path):
+def _execute(name: str, tmp_path, monkeypatch, parameters: str = ""):
+  """Runs the notebook in tmp_path (its temporary directories too), `parameters` injected after its
+  parameter cell as papermill does; any cell error raises CellExecutionError. Returns the executed notebook."""
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")
   nb = nbformat.read(os.path.join(REPO, "notebooks", f"{name}.ipynb"), as_version=4)
+  if parameters:
+    index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    nb.cells.insert(index + 1, nbformat.v4.new_code_cell(parameters))
+  monkeypatch.setenv("TMPDIR", str(tmp_path))  # the kernel inherits it: tempfile.mkdtemp lands in tmp_path
   start = time.time()
-  # Runs in tmp_path at the notebook's defaults; any cell error raises CellExecutionError.
   nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                           resources={"metadata": {"path": str(tmp_path)}}).execute()
   print(f"{name}.ipynb ran in {time.time() - start:.1f}s")
-  shown = [mime for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
-           if out.output_type == "display_data" for mime in out.get("data", {})]
+  return nb
+
+
+def _displayed(nb, mime: str) -> list[str]:
+  return [out["data"][mime] for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
+          if out.output_type == "display_data" and mime in out.get("data", {})]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_runs_headless(name, tmp_path, monkeypatch):
+  nb = _execute(name, tmp_path, monkeypatch)
   for mime in set(DISPLAYS[name]):
-    assert shown.count(mime) >= DISPLAYS[name].count(mime), f"{name}.ipynb displayed {shown}"
+    assert len(_displayed(nb, mime)) >= DISPLAYS[name].count(mime), f"{name}.ipynb displayed too few {mime}"
+
+
+def test_figure2_plots_a_given_table_choosing_learning_rates_on_validation(tmp_path, monkeypatch):
+  rows = []
+  for mixer, d_model, lr, valid, test in [("attention", 64, 1e-3, 0.9, 0.5), ("attention", 64, 1e-2, 0.4, 0.8),
+                                          ("base_conv", 64, 1e-3, 0.3, 0.25), ("base_conv", 128, 1e-3, 0.6, 0.55)]:
+    rows.append(dict(run_id=f"{mixer}-{d_model}-{lr}", group=mixer, mixer=mixer, d_model=d_model, seq_len=64,
+                     num_kv_pairs=4, learning_rate=lr, seed=0, validation_accuracy=valid, test_accuracy=test,
+                     status="ok", state_size=100 * d_model, num_params=1000))
+  path = tmp_path / "results.csv"
+  sweep.append_results(str(path), rows)
+  nb = _execute("figure2", tmp_path, monkeypatch, f"RESULTS_CSV = {str(path)!r}")
+  table = _displayed(nb, "text/markdown")[0]
+  assert "| attention | 64 | 64 | 4 | 1.0e-03 | 0.900 | 0.500 |" in table  # not lr 1e-2's better test 0.8
+  assert "| base_conv | 128 | 64 | 4 | 1.0e-03 | 0.600 | 0.550 |" in table
+  assert len(_displayed(nb, "image/png")) == 2
+
+
+def test_ar_analysis_reads_given_runs(tmp_path, monkeypatch):
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 50, size=(3, 40)).astype(np.int32)
+  tokens[:, 20:30] = tokens[:, 5:15]  # bigrams repeated within each row: AR hits where rare in training
+  counts = ar_hits.count_bigrams(rng.integers(0, 50, size=(20, 40)), 50_304)
+  logprobs = {name: np.concatenate([np.full((3, 1), np.nan), -rng.uniform(0.1, 6, (3, 39))], 1)
+              for name in ("ref", "other")}
+  for name, lp in logprobs.items():
+    os.makedirs(tmp_path / name)
+    ar_hits.save_eval(str(tmp_path / name / "ar_eval.npz"), tokens, lp)
+    counts.save(str(tmp_path / name / "bigram_counts.npz"))
+    (tmp_path / name / "config.json").write_text(json.dumps({"data": {"tokenizer": "gpt2"}}))
+  nb = _execute("ar_analysis", tmp_path, monkeypatch,
+                f"RUN_A = {str(tmp_path / 'ref')!r}\nRUN_B = {str(tmp_path / 'other')!r}\nTHRESHOLD = 3")
+  table = _displayed(nb, "text/markdown")[0]
+  for name, lp in logprobs.items():
+    report = ar_hits.analyze(tokens, lp, counts, 3)
+    assert report.slices["ar_hits"].num_tokens > 0
+    cells = " | ".join(f"{report.slices[k].perplexity:.2f} ({report.slices[k].mean_nll:.3f})"
+                       for k in ("all", "ar_hits", "other"))
+    assert f"| {name} | {cells} |" in table
+  html = _displayed(nb, "text/html")[0]
+  row = int(np.argmax(ar_hits.ar_hit_mask(tokens, counts, 3).sum(axis=1)))
+  assert f"validation row {row}: " in html and html.count("outline: 2px") >= 2
 
 
 # ---------------------------------------------------------------------------------------------- Helpers
