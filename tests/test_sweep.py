@@ -228,3 +228,20 @@ def test_figure2_cpu_scale_expands():
   assert {r.mixer for r in runs} == {"attention", "base_conv"} and len(runs) == 16
   with pytest.raises(ValueError, match="figure2 scale must be one of"):
     _figure2_config("tpu")
+
+
+def test_tradeoff_sweep_puts_each_recurrence_after_a_base_conv_layer():
+  spec = importlib.util.spec_from_file_location(
+      "tradeoff_config", os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "configs",
+                                      "tradeoff.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  runs = sweep.expand_grid(module.get_config("paper"))
+  assert {r.d_model for r in runs} == {64, 128, 256}
+  gla = next(r for r in runs if r.mixer == "gla")
+  first, second = gla.config["model"]["mixer"]["mixers"]
+  assert first == {"name": "base_conv", "kernel_size": 3}
+  assert second["num_heads"] == 2 and second["conv_size"] == 4
+  assert {r.mixer for r in runs} == {"attention", "base_conv", "mamba2", "gla", "delta_net", "gated_delta_net",
+                                     "rwkv7"}
+  assert len(sweep.expand_grid(module.get_config("cpu"))) == 7 * 3 * 2

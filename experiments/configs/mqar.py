@@ -5,7 +5,8 @@ r"""MQAR on CPU: attention against BaseConv at one width, in a few minutes on 2 
 
 The argument after the colon picks runs of `RUNS` (comma-separated), default
 `attention,base_conv,base_conv_L64`; every Figure-2 mixer (attention, base_conv, hyena, h3, rwkv, based,
-mamba) and the other baselines (hybrid, sliding_window, blocked, s4d, retnet) have a run. Each run is a
+mamba), the other baselines (hybrid, sliding_window, blocked, s4d, retnet) and the recurrences of
+Zoology's README trade-off (mamba2, gla, delta_net, gated_delta_net, rwkv7) have a run. Each run is a
 partial config merged into the base below, so a run may change the model and the data. Overrides reach
 any key: `--config.model.d_model=64`, `--config.train.learning_rate=1e-3`,
 `--config.runs.attention.model.mixer.num_heads=2`.
@@ -73,9 +74,26 @@ OTHER_MODELS = {
     "retnet": dict(mixer=dict(name="retnet"), learned_positions=False),
 }
 
+
+
+def tradeoff_models() -> dict[str, dict]:
+  """The gated / delta-rule recurrences as in Zoology's README trade-off experiment: the hybrid
+  [BaseConv k=3, mixer] (first layer BaseConv), 2 heads, short convolutions of width 4, no positions."""
+  second = {
+      "mamba2": dict(name="mamba2", d_conv=4),  # heads = 2·d_model / head_dim 64: 2 heads at width 64
+      "gla": dict(name="gla", num_heads=2, use_short_conv=True, conv_size=4),
+      "delta_net": dict(name="delta_net", num_heads=2, conv_size=4),
+      "gated_delta_net": dict(name="gated_delta_net", num_heads=2, conv_size=4),
+      "rwkv7": dict(name="rwkv7", num_heads=2),
+  }
+  return {name: dict(mixer=dict(name="hybrid", mixers=[dict(name="base_conv", kernel_size=3), mixer]),
+                     learned_positions=False)
+          for name, mixer in second.items()}
+
+
 RUNS = {
     **{name: dict(model=model, data=_data(L_QUICK, 4))
-       for name, model in {**figure2_models(L_QUICK), **OTHER_MODELS}.items()},
+       for name, model in {**figure2_models(L_QUICK), **OTHER_MODELS, **tradeoff_models()}.items()},
     "base_conv_L64": dict(model=BASE_CONV, data=_data(64, 8)),
 }
 DEFAULT_RUNS = "attention,base_conv,base_conv_L64"
