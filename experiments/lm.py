@@ -18,26 +18,14 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from zoo_jax import cli  # pylint: disable=g-import-not-at-top
 from zoo_jax import lm  # pylint: disable=g-import-not-at-top
 
 
-def _define_config_flag():
-  """`--config` with `--config.<key>=value` overrides; a bad override exits in one line (as mqar.py)."""
-  try:
-    return config_flags.DEFINE_config_file(
-        "config", os.path.join(os.path.dirname(__file__), "configs", "lm.py"), "LM run config.",
-        lock_config=True)
-  except (KeyError, AttributeError, ValueError, TypeError) as e:
-    bad = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.")]
-    detail = " ".join(str(e).replace("\\n", " ").replace("\n", " ").replace("\\'", "").strip("'\"").split())
-    sys.exit(f"error: bad config override among {bad}: {detail}")
-
-
-_CONFIG = _define_config_flag()
+_CONFIG = cli.define_config_flag(os.path.join(os.path.dirname(__file__), "configs", "lm.py"), "LM run config.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/zoo_jax_lm/run", "Directory for checkpoints, metrics, results.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (several hosts).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes (hosts) taking part.")
