@@ -34,5 +34,6 @@ setuptools.setup(
     extras_require={
         # nbclient/nbformat/ipykernel execute the notebooks headless (tests/test_notebooks.py).
         "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
     },
 )
