@@ -14,20 +14,19 @@ Each writes `<prefix>.png` and `<prefix>.pdf` and returns the points it drew.
 import os
 from typing import Any
 
-import matplotlib
+from matplotlib import ticker
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from zoo_jax import sweep  # pylint: disable=wrong-import-position
+from zoo_jax import sweep
 
 _MARKERS = "os^Dv<>pP*Xh"
 
 
 def _panels(points: list[dict[str, Any]]):
   lengths = sorted({(p["seq_len"], p["num_kv_pairs"]) for p in points})
-  fig, axes = plt.subplots(1, len(lengths), figsize=(3.6 * len(lengths) + 0.6, 3.4), squeeze=False,
-                           sharey=True)
+  # A bare Figure (no pyplot): no global backend switch, so notebooks keep their inline plotting.
+  fig = Figure(figsize=(3.6 * len(lengths) + 0.6, 3.4))
+  axes = fig.subplots(1, len(lengths), squeeze=False, sharey=True)
   return fig, dict(zip(lengths, axes[0]))
 
 
@@ -54,6 +53,8 @@ def _draw(points: list[dict[str, Any]], prefix: str, x_key: str, x_label: str, l
       widths = sorted({p["d_model"] for p in points})
       ax.set_xticks(widths, [str(w) for w in widths])
       ax.minorticks_off()
+    else:
+      ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # labels at decades only (no overlaps)
     ax.set_title(f"sequence length {seq_len} ({kv} kv pairs)", fontsize=10)
     ax.set_xlabel(x_label)
     ax.set_ylim(-0.02, 1.02)
@@ -64,7 +65,6 @@ def _draw(points: list[dict[str, Any]], prefix: str, x_key: str, x_label: str, l
   fig.tight_layout()
   for ext in ("png", "pdf"):
     fig.savefig(f"{prefix}.{ext}", dpi=150)
-  plt.close(fig)
   return drawn
 
 
