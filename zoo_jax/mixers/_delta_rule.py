@@ -36,14 +36,22 @@ Decays. With one scalar decay per head (g = 1) the c × c factors exp(G_t − G_
 pairwise differences of the cumulative log decay G, so no factor exceeds 1 and any decay is safe. With a
 decay per channel (g = k) that would cost c²·k per chunk, so the factor is split into exp(G_t)·exp(−G_s);
 exp(−G_s) grows like 1/Π w, which is safe in float32 only while the chunk's total log decay per channel
-stays above about −80 (RWKV-7 bounds log w >= −e^(−1/2), so chunks up to 128 tokens; the mixer checks).
+stays above about −80 (RWKV-7 bounds log w >= −e^(−1/2), so chunks up to 131 tokens; the mixer checks).
 
 Lengths that the chunk size does not divide are padded at the end with identity steps (log w = 0,
 a = b = k = v = q = 0), which leave the state unchanged, so the final state is the state after token l.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+# Every product in full float32: a float32 matmul's default precision on GPU/TPU rounds its inputs to
+# TF32/bfloat16, ~1e-3 relative, which the issue's 1e-5 agreement with the recurrence cannot absorb.
+PRECISION = jax.lax.Precision.HIGHEST
+einsum = functools.partial(jnp.einsum, precision=PRECISION)
+matmul = functools.partial(jnp.matmul, precision=PRECISION)
 
 # Largest |Σ log w| over one chunk for which the per-channel split exp(G_t)·exp(−G_s) stays far from
 # float32 overflow (e^80 ≈ 5.5e34 < 3.4e38, leaving 4 orders of magnitude for the products with q, k, a, b).
@@ -52,10 +60,10 @@ MAX_CHUNK_LOG_DECAY = 80.0
 
 def step(s_bhkv, q_bhk, k_bhk, v_bhv, log_w_bhg, a_bhk, b_bhk):
   """One token of (*): (S_t, o_t) from S_{t−1}, all float32."""
-  read_bhv = jnp.einsum("bhk,bhkv->bhv", a_bhk, s_bhkv)
+  read_bhv = einsum("bhk,bhkv->bhv", a_bhk, s_bhkv)
   s_bhkv = (jnp.exp(log_w_bhg)[..., None] * s_bhkv + b_bhk[..., None] * read_bhv[..., None, :]
             + k_bhk[..., None] * v_bhv[..., None, :])
-  return s_bhkv, jnp.einsum("bhk,bhkv->bhv", q_bhk, s_bhkv)
+  return s_bhkv, einsum("bhk,bhkv->bhv", q_bhk, s_bhkv)
 
 
 def _f32(*arrays):
@@ -82,9 +90,50 @@ def _decayed_scores(x_tk, y_sk, gx_tg, gy_sg, *, strict: bool):
   if gx_tg.shape[-1] == 1:  # a scalar decay: pairwise differences, every factor <= 1
     diff_ts = gx_tg - jnp.swapaxes(gy_sg, -1, -2)
     decay_ts = jnp.where(mask_ts, jnp.exp(jnp.where(mask_ts, diff_ts, 0.0)), 0.0)
-    return jnp.einsum("...tk,...sk->...ts", x_tk, y_sk) * decay_ts
-  scores_ts = jnp.einsum("...tk,...sk->...ts", x_tk * jnp.exp(gx_tg), y_sk * jnp.exp(-gy_sg))
+    return einsum("...tk,...sk->...ts", x_tk, y_sk) * decay_ts
+  scores_ts = einsum("...tk,...sk->...ts", x_tk * jnp.exp(gx_tg), y_sk * jnp.exp(-gy_sg))
   return jnp.where(mask_ts, scores_ts, 0.0)
+
+
+def _forward_substitution(a_ts, rhs_tx):
+  """X with (I − A) X = rhs, A strictly lower triangular (..., c, c): row t = rhs_t + Σ_{s<t} A_ts X_s."""
+
+  def row(t, x_tx):
+    x_row = rhs_tx[..., t, :] + einsum("...s,...sx->...x", a_ts[..., t, :], x_tx)
+    return x_tx.at[..., t, :].set(x_row)
+
+  return jax.lax.fori_loop(0, a_ts.shape[-1], row, jnp.zeros_like(rhs_tx))
+
+
+@jax.custom_vjp
+def solve_unit_lower(a_ts, rhs_tx):
+  """(I − A)⁻¹ rhs for a strictly lower-triangular A, by forward substitution.
+
+  Not `jax.scipy.linalg.solve_triangular`: on XLA:CPU (jax 0.10.2) its LAPACK call deadlocked inside the
+  training step at some shapes (b = 32, 2 heads, c = 16: the step never returned, every thread waiting
+  on a futex). The backward pass is the transposed solve (backward substitution, run as a forward one on
+  the reversed system) rather than autodiff through the loop, which would keep every iterate.
+  """
+  return _forward_substitution(a_ts, rhs_tx)
+
+
+def _solve_fwd(a_ts, rhs_tx):
+  x_tx = _forward_substitution(a_ts, rhs_tx)
+  return x_tx, (a_ts, x_tx)
+
+
+def _solve_bwd(residuals, g_tx):
+  a_ts, x_tx = residuals
+  # (I − A)⁻ᵀ g: with J the reversal, J (I − Aᵀ) J = I − J Aᵀ J is unit lower triangular again.
+  flipped_a = jnp.swapaxes(a_ts, -1, -2)[..., ::-1, ::-1]
+  g_rhs = _forward_substitution(flipped_a, g_tx[..., ::-1, :])[..., ::-1, :]
+  c = a_ts.shape[-1]
+  strictly_lower = jnp.tril(jnp.ones((c, c), bool), k=-1)
+  g_a = jnp.where(strictly_lower, matmul(g_rhs, jnp.swapaxes(x_tx, -1, -2)), 0.0)
+  return g_a, g_rhs
+
+
+solve_unit_lower.defvjp(_solve_fwd, _solve_bwd)
 
 
 def chunked(q_blhk, k_blhk, v_blhv, log_w_blhg, a_blhk, b_blhk, chunk_size: int, initial_state=None):
@@ -108,9 +157,8 @@ def chunked(q_blhk, k_blhk, v_blhv, log_w_blhg, a_blhk, b_blhk, chunk_size: int,
   a_ab = _decayed_scores(a, b, g_excl, g_incl, strict=True)
   a_ak = _decayed_scores(a, k, g_excl, g_incl, strict=True)
   # T [W, Ũ] = [a ⊙ Γ_{t−1}, A_ak V]: one unit lower-triangular solve per chunk and head.
-  eye = jnp.eye(c, dtype=jnp.float32)
-  rhs = jnp.concatenate([a * jnp.exp(g_excl), a_ak @ v], axis=-1)
-  w_u = jax.scipy.linalg.solve_triangular(eye - a_ab, rhs, lower=True, unit_diagonal=True)
+  rhs = jnp.concatenate([a * jnp.exp(g_excl), matmul(a_ak, v)], axis=-1)
+  w_u = solve_unit_lower(a_ab, rhs)
   w_ck, u_tilde_cv = w_u[..., :dk], w_u[..., dk:]
   b_tail = b * jnp.exp(g_last - g_incl)  # b_s ⊙ Γ_c/Γ_s
   k_tail = k * jnp.exp(g_last - g_incl)
@@ -118,8 +166,9 @@ def chunked(q_blhk, k_blhk, v_blhv, log_w_blhg, a_blhk, b_blhk, chunk_size: int,
 
   def chunk_step(s_bhkv, xs):
     w_, u_tilde, b_tail_, k_tail_, v_, decay = xs
-    u_bhcv = w_ @ s_bhkv + u_tilde
-    s_next = decay * s_bhkv + jnp.swapaxes(b_tail_, -1, -2) @ u_bhcv + jnp.swapaxes(k_tail_, -1, -2) @ v_
+    u_bhcv = matmul(w_, s_bhkv) + u_tilde
+    s_next = (decay * s_bhkv + matmul(jnp.swapaxes(b_tail_, -1, -2), u_bhcv)
+              + matmul(jnp.swapaxes(k_tail_, -1, -2), v_))
     return s_next, (s_bhkv, u_bhcv)
 
   s0 = jnp.zeros((bsz, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(
@@ -130,7 +179,7 @@ def chunked(q_blhk, k_blhk, v_blhv, log_w_blhg, a_blhk, b_blhk, chunk_size: int,
 
   q_b = _decayed_scores(q, b, g_incl, g_incl, strict=False)
   q_k = _decayed_scores(q, k, g_incl, g_incl, strict=False)
-  o_bnhcv = (q * jnp.exp(g_incl)) @ s_prev + q_b @ u + q_k @ v
+  o_bnhcv = matmul(q * jnp.exp(g_incl), s_prev) + matmul(q_b, u) + matmul(q_k, v)
   o_blhv = jnp.swapaxes(o_bnhcv, 2, 3).reshape(bsz, n * c, h, dv)[:, :l]
   return o_blhv, s_final
 

@@ -23,13 +23,13 @@ b = κ̂ ⊙ a and the write k̃ vᵀ, exactly the arguments flash-linear-attent
 (`r, w, k, v, a=-kk, b=kk*a`, scale 1). Training runs its chunked form (`lax.scan` over chunks of
 `chunk_size` tokens, matmuls and one triangular solve inside a chunk, float32); the per-channel decay is
 split as exp(G_t)·exp(−G_s) inside a chunk, which the bound w > e^(−e^(−1/2)) keeps finite in float32 up
-to 128 tokens per chunk (hence the limit on `chunk_size`). `form = 'recurrent'` runs the token-by-token
+to 131 tokens per chunk (hence the limit on `chunk_size`). `form = 'recurrent'` runs the token-by-token
 recurrence (the reference; `step` is one token of it).
 
 Hyperparameters: `num_heads` = 2 (head width d/H; RWKV-7 and fla fix head_dim = 64, Zoology's configs
 set 2 heads), LoRA ranks `decay_low_rank_dim`, `a_low_rank_dim`, `gate_low_rank_dim` = 'auto' (RWKV-LM's
 suggestion: max(32, round(1.8·sqrt(d)/32)·32) for w and a, max(32, round(0.6·d^0.8/32)·32) for g),
-`norm_eps` = 1e-5 (GroupNorm ε = head width · norm_eps, as RWKV-LM and fla), `chunk_size` = 64 (<= 128,
+`norm_eps` = 1e-5 (GroupNorm ε = head width · norm_eps, as RWKV-LM and fla), `chunk_size` = 64 (<= 131,
 clipped to L), `form` = 'chunked'.
 
 Initialisation: RWKV-LM's (x070) for the vectors that set the working regime (token-shift mixes μ from
@@ -66,8 +66,9 @@ from zoo_jax.mixers import _delta_rule, registry
 from zoo_jax.mixers.delta_net import check_heads_divide
 
 LOG_DECAY_SCALE = math.exp(-0.5)  # log w ∈ (−e^(−1/2), 0)
-# chunk_size · e^(−1/2) must stay below _delta_rule.MAX_CHUNK_LOG_DECAY (80): 128 tokens.
-MAX_CHUNK_SIZE = 128
+# The chunk's total log decay, at most chunk_size · e^(−1/2), must stay within the per-channel split's
+# float32 range (_delta_rule.MAX_CHUNK_LOG_DECAY = 80): 131 tokens.
+MAX_CHUNK_SIZE = int(_delta_rule.MAX_CHUNK_LOG_DECAY / LOG_DECAY_SCALE)
 MIXES = ("r", "w", "k", "v", "a", "g")
 LORA_RANKS = ("decay_low_rank_dim", "a_low_rank_dim", "gate_low_rank_dim")
 
