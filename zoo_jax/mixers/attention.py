@@ -60,12 +60,14 @@ class Attention(nnx.Module):
                dtype: Any, rngs: nnx.Rngs):
     if d_model % cfg.num_heads:
       raise ValueError(f"model.mixer.num_heads must divide model.d_model ({d_model}), got {cfg.num_heads}")
-    if cfg.rotary and (d_model // cfg.num_heads) % 2:
+    # The local attentions (sliding_window, blocked) subclass Attention with configs that have no rotary.
+    rotary, rotary_base = getattr(cfg, "rotary", False), getattr(cfg, "rotary_base", 10000.0)
+    if rotary and (d_model // cfg.num_heads) % 2:
       raise ValueError(f"model.mixer.rotary needs an even head dimension, got d_model/num_heads = "
                        f"{d_model // cfg.num_heads}")
     self.num_heads = cfg.num_heads
-    self.rotary = cfg.rotary
-    self.rotary_base = cfg.rotary_base
+    self.rotary = rotary
+    self.rotary_base = rotary_base
     self.seq_len = seq_len
     self.d_model = d_model
     self.qkv_proj = layers.linear(d_model, 3 * d_model, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
