@@ -53,7 +53,6 @@ OMP_WAIT_POLICY=PASSIVE (threads sleep at barriers) before anything loads libgom
 environment already sets OMP_WAIT_POLICY; the header says which. XLA:CPU does not use OpenMP.
 """
 
-import importlib.util
 import os
 import platform
 import statistics
@@ -75,6 +74,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 _EXPERIMENTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(_EXPERIMENTS))  # run from a checkout without `pip install -e .`
 
+from zoo_jax import cli  # pylint: disable=g-import-not-at-top
 from zoo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from zoo_jax import sharding  # pylint: disable=g-import-not-at-top
 from zoo_jax import train  # pylint: disable=g-import-not-at-top
@@ -82,15 +82,7 @@ from zoo_jax.data import mqar  # pylint: disable=g-import-not-at-top
 from zoo_jax.model import LanguageModel, ModelConfig  # pylint: disable=g-import-not-at-top
 
 
-def _load_configs():
-  spec = importlib.util.spec_from_file_location("_zoo_jax_mqar_configs",
-                                                os.path.join(_EXPERIMENTS, "configs", "mqar.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-_CONFIGS = _load_configs()
+_CONFIGS = cli.load_module(os.path.join(_EXPERIMENTS, "configs", "mqar.py"))
 
 
 def _load_mixers() -> dict[str, dict]:

@@ -8,7 +8,6 @@ same sweep with `--config.*` overrides. Writes results.csv, figure2.{png,pdf}, s
 and best.md into the workdir; rerunning resumes (finished runs are skipped).
 """
 
-import importlib.util
 import os
 import sys
 import time
@@ -19,6 +18,7 @@ from absl import logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from zoo_jax import cli  # pylint: disable=g-import-not-at-top
 from zoo_jax import sweep  # pylint: disable=g-import-not-at-top
 from zoo_jax import sweep_plots  # pylint: disable=g-import-not-at-top
 
@@ -29,10 +29,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the results table
 
 def _config(scale: str):
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "figure2.py")
-  spec = importlib.util.spec_from_file_location("figure2_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(scale)
+  return cli.load_module(path).get_config(scale)
 
 
 def main(argv):

@@ -6,7 +6,6 @@ AR hits is min(((l_H^m − l_H^M) · p_H) / (l^m − l^M), 1) over mean NLLs l.
 """
 
 import collections
-import importlib.util
 import json
 import math
 import os
@@ -19,6 +18,7 @@ import chex
 import numpy as np
 import pytest
 
+from zoo_jax import cli
 from zoo_jax.analysis import ar_hits
 from zoo_jax.analysis.ar_hits import BigramCounts
 
@@ -302,10 +302,7 @@ def test_ar_gap_prints_table_1(two_runs, tmp_path):
 
 
 def load_ar_gap_module():
-  spec = importlib.util.spec_from_file_location("ar_gap", AR_GAP)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return cli.load_module(AR_GAP)
 
 
 def test_ar_gap_errors(two_runs, tmp_path):

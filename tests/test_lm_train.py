@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from zoo_jax import cli
 from zoo_jax import lm
 from zoo_jax import mixers
 from zoo_jax import train as train_lib
@@ -70,10 +71,7 @@ def test_bad_config_fails_before_the_workdir_is_touched(tmp_path, corpus, overri
 
 
 def test_presets_validate():
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("lm_config", os.path.join(REPO, "experiments", "configs", "lm.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = cli.load_module(os.path.join(REPO, "experiments", "configs", "lm.py"))
   sizes = {}
   for name in module.PRESETS:
     _, model_cfg, _ = lm.resolve(module.get_config(name))

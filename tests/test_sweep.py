@@ -1,18 +1,19 @@
 """Sweeps: grid expansion, vmapped groups equal to single runs, restart and resume, and the plots."""
 
 import copy
-import importlib.util
 import csv
 import os
 
 import numpy as np
 import pytest
 
+from zoo_jax import cli
 from zoo_jax import config as config_lib
 from zoo_jax import sweep
 from zoo_jax import sweep_plots
 from zoo_jax import train
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATTENTION = {"model": {"mixer": {"name": "attention"}}}
 
 
@@ -202,12 +203,7 @@ def test_results_table_round_trips_through_csv(tmp_path, finished_sweep):
 
 
 def _figure2_config(scale):
-  spec = importlib.util.spec_from_file_location(
-      "figure2_config", os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "configs",
-                                     "figure2.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(scale)
+  return cli.load_module(os.path.join(REPO, "experiments", "configs", "figure2.py")).get_config(scale)
 
 
 def test_figure2_paper_scale_is_zoologys_grid():
@@ -231,11 +227,7 @@ def test_figure2_cpu_scale_expands():
 
 
 def test_tradeoff_sweep_puts_each_recurrence_after_a_base_conv_layer():
-  spec = importlib.util.spec_from_file_location(
-      "tradeoff_config", os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "configs",
-                                      "tradeoff.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = cli.load_module(os.path.join(REPO, "experiments", "configs", "tradeoff.py"))
   runs = sweep.expand_grid(module.get_config("paper"))
   assert {r.d_model for r in runs} == {64, 128, 256}
   gla = next(r for r in runs if r.mixer == "gla")

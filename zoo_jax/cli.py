@@ -1,6 +1,9 @@
-"""Helpers shared by the absl binaries in experiments/."""
+"""Helpers shared by the absl binaries in experiments/ (and the configs and tests that load them)."""
 
+import importlib.util
+import os
 import sys
+import types
 
 from ml_collections import config_flags
 
@@ -17,3 +20,12 @@ def define_config_flag(default_path: str, help_text: str = "Run config.", name: 
     bad = [a.split("=")[0] for a in sys.argv[1:] if a.startswith(f"--{name}.")]
     detail = " ".join(str(e).replace("\\n", " ").replace("\n", " ").replace("\\'", "").strip("'\"").split())
     sys.exit(f"error: bad config override among {bad}: {detail}")
+
+
+def load_module(path: str) -> types.ModuleType:
+  """The Python file at `path` as a module (configs and binaries in experiments/, which is not a package)."""
+  name = "_zoo_jax_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

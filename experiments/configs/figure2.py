@@ -26,27 +26,20 @@ leaves the ~0.15 plateau within 10 epochs of 24,000 examples (the paper trains 6
 this budget the CPU grid does not reproduce attention's flat line at the longer length.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 import numpy as np
 
+from zoo_jax import cli
 from zoo_jax import config as config_lib
 from zoo_jax import sweep
 
 SCALES = ("cpu", "paper")
 
 
-def _mqar_configs():
-  spec = importlib.util.spec_from_file_location("mqar_configs", os.path.join(os.path.dirname(__file__), "mqar.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def _models(names: list[str]) -> dict[str, dict]:
-  models = _mqar_configs().figure2_models(sweep.SEQ_LEN_MARKER)  # H3's d_state follows each length
+  models = cli.load_module(os.path.join(os.path.dirname(__file__), "mqar.py")).figure2_models(sweep.SEQ_LEN_MARKER)  # H3's d_state follows each length
   return {name: {"model": models[name]} for name in names}
 
 

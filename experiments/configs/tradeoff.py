@@ -11,19 +11,17 @@ in {(64, 4), (128, 8), (256, 16), (512, 64)}, 100,000 training examples, 64 epoc
 scale=cpu one short length, 2 learning rates and few examples (a smoke-sized sweep, not a result).
 """
 
-import importlib.util
 import os
 
 import ml_collections
+
+from zoo_jax import cli
 
 SCALES = ("cpu", "paper")
 
 
 def _load(name: str):
-  spec = importlib.util.spec_from_file_location(f"{name}_configs", os.path.join(os.path.dirname(__file__), f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return cli.load_module(os.path.join(os.path.dirname(__file__), f"{name}.py"))
 
 
 def get_config(scale: str | None = None) -> ml_collections.ConfigDict:
