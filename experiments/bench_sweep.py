@@ -16,7 +16,6 @@ import time
 from absl import app
 from absl import flags
 import jax
-import ml_collections
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
@@ -63,7 +62,6 @@ def main(argv):
   batches = {s: list(mqar.epoch_batches(data[s], _BATCH.value, seed=s, epoch=0)) for s in set(seeds)}
 
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  unit = ml_collections.ConfigDict({**config.train.to_dict(), "learning_rate": 1.0})
 
   # Sequential: zoo_jax.train's single-run step, one run after another.
   seq_seconds = 0.0
@@ -86,18 +84,13 @@ def main(argv):
     seq_seconds += time.perf_counter() - t0
 
   # Vmapped: the whole group in one jitted step.
-  group_mesh = sweep._runs_mesh(len(runs), jax.devices()[:1])  # pylint: disable=protected-access
-  model_sh = sharding.named(group_mesh, jax.sharding.PartitionSpec("runs"))
-  rep = sharding.replicated(group_mesh)
-  graphdef, _, _ = train.init_model(model_cfg, mesh, 0)
-  params = jax.device_put(sweep._stack([train.init_model(model_cfg, mesh, s)[1] for s in seeds]), model_sh)  # pylint: disable=protected-access
-  tx, schedule = train.make_optimizer(unit, total)
-  opt_state = jax.jit(jax.vmap(tx.init), out_shardings=model_sh)(params)
-  train_step, _, _ = sweep.make_group_steps(graphdef, tx, schedule, k, model_sh, rep)
-  lrs = jax.device_put(np.asarray([r.learning_rate for r in runs], np.float32), model_sh)
-  step = jax.device_put(np.zeros((), np.int32), rep)
-  stacked = [jax.device_put({key: np.stack([batches[s][i][key] for s in seeds])
-                             for key in ("inputs", "labels", "weight")}, model_sh) for i in range(total)]
+  group = sweep.init_group(model_cfg, config.train, seeds, total, k,
+                           sweep._runs_mesh(len(runs), jax.devices()[:1]))  # pylint: disable=protected-access
+  params, opt_state, train_step = group.params, group.opt_state, group.train_step
+  lrs = group.put(np.asarray([r.learning_rate for r in runs], np.float32))
+  step = jax.device_put(np.zeros((), np.int32), group.rep)
+  stacked = [group.put({key: np.stack([batches[s][i][key] for s in seeds]) for key in ("inputs", "labels", "weight")})
+             for i in range(total)]
   for b in stacked[:2]:
     params, opt_state, step, _ = train_step(params, opt_state, step, lrs, b)
   jax.block_until_ready(params)

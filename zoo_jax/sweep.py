@@ -46,7 +46,6 @@ import os
 import time
 from typing import Any
 
-from absl import logging
 from flax import nnx
 import jax
 from jax.sharding import AxisType, PartitionSpec as P
@@ -292,6 +291,37 @@ def make_group_steps(graphdef, tx: optax.GradientTransformation, schedule, k: in
   return train_jit, eval_jit, best_jit
 
 
+@dataclasses.dataclass
+class Group:
+  """A group's models on its `runs` mesh: stacked parameters and optimizer states, and its jitted steps."""
+  params: Any
+  opt_state: Any
+  train_step: Any
+  eval_step: Any
+  keep_best: Any
+  model_sh: jax.sharding.Sharding  # leading model axis over the mesh's `runs` axis
+  rep: jax.sharding.Sharding
+
+  def put(self, tree: Any) -> Any:
+    return jax.device_put(tree, self.model_sh)
+
+
+def init_group(model_cfg, train_cfg: Any, seeds: list[int], total_steps: int, k: int,
+               mesh: jax.sharding.Mesh) -> Group:
+  """One model per seed, each initialised exactly as `train.init_model` does for a single run, stacked; the
+  optimizer of `train.make_optimizer` with a unit peak learning rate (each model scales its own update)."""
+  model_sh = sharding.named(mesh, P("runs"))
+  rep = sharding.replicated(mesh)
+  one_mesh = sharding.make_mesh(devices=list(mesh.devices.flat)[:1])
+  inits = [train.init_model(model_cfg, one_mesh, seed) for seed in seeds]
+  graphdef = inits[0][0]
+  params = jax.device_put(_stack([p for _, p, _ in inits]), model_sh)
+  unit_train = ml_collections.ConfigDict({**train_cfg.to_dict(), "learning_rate": 1.0})
+  tx, schedule = train.make_optimizer(unit_train, total_steps)
+  opt_state = jax.jit(jax.vmap(tx.init), out_shardings=model_sh)(params)
+  return Group(params, opt_state, *make_group_steps(graphdef, tx, schedule, k, model_sh, rep), model_sh, rep)
+
+
 def _stacked_batches(datasets: list[mqar.MQARDataset], batch_size: int, seeds: list[int], epoch: int,
                      start_step: int = 0, shuffle: bool = True, drop_remainder: bool = True):
   iterators = [mqar.epoch_batches(ds, batch_size, seed=s, epoch=epoch, start_step=start_step,
@@ -320,10 +350,8 @@ def evaluate_group(eval_step, params_m, datasets: list[mqar.MQARDataset], batch_
   out = []
   for i, ds in enumerate(datasets):
     acc_n = acc_mn[i][weight_mn[i] > 0][:n]
-    out.append(dict(
-        loss=float(loss_sum[i] / max(tokens[i], 1.0)), accuracy=float(acc_n.mean()),
-        slices={f"L{l}_kv{kv}": float(acc_n[(ds.seq_len == l) & (ds.num_kv_pairs == kv)].mean())
-                for l, kv in ds.slices()}))
+    out.append(dict(loss=float(loss_sum[i] / max(tokens[i], 1.0)), accuracy=float(acc_n.mean()),
+                    slices=train.slice_accuracies(acc_n, ds)))
   return out
 
 
@@ -348,9 +376,6 @@ def train_group(runs: list[Run], group_dir: str, *, devices=None, label: str = "
   seeds = [r.seed for r in runs]
   lrs = np.asarray([r.learning_rate for r in runs], np.float32)
   mesh = _runs_mesh(num_models, devices)
-  model_sh = sharding.named(mesh, P("runs"))
-  rep = sharding.replicated(mesh)
-  put = lambda tree: jax.device_put(tree, model_sh)
   os.makedirs(group_dir, exist_ok=True)
   start_time = time.time()
 
@@ -372,17 +397,10 @@ def train_group(runs: list[Run], group_dir: str, *, devices=None, label: str = "
   total_steps = steps_per_epoch * config.train.epochs
   tokens_per_step = config.train.batch_size * train_ds0.inputs.shape[1]
 
-  # Models: each initialised exactly as `train.init_model` does for a single run, then stacked.
-  one_mesh = sharding.make_mesh(devices=list(mesh.devices.flat)[:1])
-  inits = [train.init_model(model_cfg, one_mesh, seed) for seed in seeds]
-  graphdef = inits[0][0]
-  params = put(_stack([p for _, p, _ in inits]))
-  del inits
-  unit_train = ml_collections.ConfigDict({**config.train.to_dict(), "learning_rate": 1.0})
-  tx, schedule = train.make_optimizer(unit_train, total_steps)
-  opt_state = jax.jit(jax.vmap(tx.init), out_shardings=model_sh)(params)
-  step = jax.device_put(jnp.zeros((), jnp.int32), rep)
-  train_step, eval_step, keep_best = make_group_steps(graphdef, tx, schedule, k, model_sh, rep)
+  group = init_group(model_cfg, config.train, seeds, total_steps, k, mesh)
+  params, opt_state, put = group.params, group.opt_state, group.put
+  train_step, eval_step, keep_best = group.train_step, group.eval_step, group.keep_best
+  step = jax.device_put(jnp.zeros((), jnp.int32), group.rep)
   n_params = train.count_params(jax.tree.map(lambda x: x[0], params))
   state_size = model_cfg.state_size()
 

@@ -172,11 +172,14 @@ def evaluate(eval_step, params, dataset: mqar.MQARDataset, batch_size: int, mesh
     acc_parts.append(np.asarray(m["acc_b"]))
     weight_parts.append(np.asarray(m["weight_b"]))
   acc_n = np.concatenate(acc_parts)[np.concatenate(weight_parts) > 0][:len(dataset)]
-  out = dict(loss=loss_sum / max(tokens, 1.0), accuracy=float(acc_n.mean()))
-  out["slices"] = {
-      f"L{seq_len}_kv{kv}": float(acc_n[(dataset.seq_len == seq_len) & (dataset.num_kv_pairs == kv)].mean())
-      for seq_len, kv in dataset.slices()}
-  return out
+  return dict(loss=loss_sum / max(tokens, 1.0), accuracy=float(acc_n.mean()),
+              slices=slice_accuracies(acc_n, dataset))
+
+
+def slice_accuracies(acc_n: np.ndarray, dataset: mqar.MQARDataset) -> dict[str, float]:
+  """{'L<seq_len>_kv<num_kv_pairs>': mean accuracy} from per-example accuracies in dataset order."""
+  return {f"L{seq_len}_kv{kv}": float(acc_n[(dataset.seq_len == seq_len) & (dataset.num_kv_pairs == kv)].mean())
+          for seq_len, kv in dataset.slices()}
 
 
 # ---------------------------------------------------------------------------------------------- Workdir
