@@ -209,26 +209,30 @@ def group_runs(runs: list[Run], max_group_size: int = 0) -> list[list[Run]]:
 # ---------------------------------------------------------------------------------------------- Results
 
 
+_INT_COLUMNS = frozenset({"d_model", "seq_len", "num_kv_pairs", "seed", "best_epoch", "epochs_run", "state_size",
+                          "num_params", "group_size"})
+_TEXT_COLUMNS = frozenset({"run_id", "group", "mixer", "status", "backend", "config_hash"})
+_JSON_COLUMNS = frozenset({"validation_slices", "test_slices"})
+
+
 def read_results(path: str) -> list[dict[str, Any]]:
-  """Rows of a results table, numbers parsed; [] when the file does not exist."""
+  """Rows of a results table, typed (ints, floats, bools, slice dicts); [] when the file does not exist."""
   if not os.path.exists(path):
     return []
   with open(path, newline="") as f:
     rows = list(csv.DictReader(f))
   for row in rows:
     for key, value in row.items():
-      if key in ("validation_slices", "test_slices"):
+      if key in _JSON_COLUMNS:
         row[key] = json.loads(value) if value else {}
-      elif key in ("stopped_early",):
+      elif key == "stopped_early":
         row[key] = value == "True"
-      elif key not in ("run_id", "group", "mixer", "status", "backend", "config_hash"):
-        try:
-          number = float(value)
-          row[key] = int(number) if number.is_integer() and key not in (
-              "learning_rate", "validation_accuracy", "test_accuracy", "validation_loss", "test_loss",
-              "train_seconds", "wall_seconds", "tokens_per_sec") else number
-        except ValueError:
-          pass
+      elif value == "":  # a column the writer left empty (hand-made tables) stays empty
+        continue
+      elif key in _INT_COLUMNS:
+        row[key] = int(value)
+      elif key not in _TEXT_COLUMNS:
+        row[key] = float(value)
   return rows
 
 
