@@ -109,6 +109,17 @@ KNOWN_EXAMPLES = {
     "mamba": [Example("mamba/defaults", {"name": "mamba"}, 0, lambda d, l: 2 * d * (4 - 1) + 2 * d * 16, 0.0),
               Example("mamba/associative", {"name": "mamba", "scan": "associative"}, 0,
                       lambda d, l: 2 * d * (4 - 1) + 2 * d * 16, 0.0)],
+    # Input-dependent sparse attention (issue 7); its own tests are in tests/test_sparse_attention.py.
+    "sparse_attention": [
+        Example("sparse_attention/full", {"name": "sparse_attention", "selection": "full"}, 0, _kv_cache, 0.0),
+        Example("sparse_attention/random,k=5", {"name": "sparse_attention", "selection": "random", "budget": 5},
+                0, lambda d, l: 2 * d * min(5, l), 0.0),
+        Example("sparse_attention/programmatic,keys=all,heads=2",
+                {"name": "sparse_attention", "selection": "programmatic", "budget": 6, "keys": "all",
+                 "num_heads": 2}, 0, _kv_cache, 0.0),
+        Example("sparse_attention/learned,k=6", {"name": "sparse_attention", "selection": "learned", "budget": 6},
+                0, lambda d, l: 2 * d * min(6, l), 0.0),
+    ],
     "hybrid": [  # layer 1 of [base_conv k=3, attention] is attention (layer 0: test_hybrid_cycles_...)
         Example("hybrid/[base_conv,attention],layer1",
                 {"name": "hybrid", "mixers": [BASE_CONV_K3, {"name": "attention"}]}, 1, _kv_cache, 0.0),
@@ -136,10 +147,29 @@ def build(mixer: dict, layer_idx: int = 0, dtype=jnp.float32):
                       dtype=dtype)
 
 
+def tokens_for(x: jax.Array) -> jax.Array:
+  """Token ids (b, l) for a mixer that reads them (`uses_tokens`): a fixed draw from a vocabulary of 4, so
+  that tokens repeat (sparse_attention's programmatic selection picks repeats)."""
+  return jnp.asarray(np.random.default_rng(7).integers(0, 4, x.shape[:2]), jnp.int32)
+
+
+def call(module: nnx.Module, x: jax.Array) -> jax.Array:
+  return module(x, tokens_for(x)) if getattr(module, "uses_tokens", False) else module(x)
+
+
 def functional(module: nnx.Module):
   """(apply, params): the module as a pure function apply(params, x) of its parameters."""
   graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-  return (lambda params_, x: nnx.merge(graphdef, params_, rest)(x)), params
+  return (lambda params_, x: call(nnx.merge(graphdef, params_, rest), x)), params
+
+
+def output_positions(module: nnx.Module, x: jax.Array) -> np.ndarray:
+  """(b, l) bool: where the mixer writes an output. Every position, except for a sparse mixer
+  (`selected_positions`), which outputs zero elsewhere and is checked at the positions it selects."""
+  selected = getattr(module, "selected_positions", None)
+  if selected is None:
+    return np.ones(x.shape[:2], bool)
+  return np.asarray(selected(x, tokens_for(x)))
 
 
 def _normal(shape, seed=0):
@@ -157,13 +187,15 @@ def forward(example: Example, dtype) -> tuple[jax.Array, jax.Array, list]:
   return x, jax.jit(apply)(params, x), [p.dtype for p in jax.tree.leaves(params)]
 
 
-def _dependence(example: Example) -> tuple[np.ndarray, float]:
-  """J[t, s] = max_ij |d out[0, t, i] / d x[0, s, j]| on one random x (1, L, D), and max J."""
-  apply, params = functional(build(example.mixer, example.layer_idx))
+def _dependence(example: Example) -> tuple[np.ndarray, float, np.ndarray]:
+  """J[t, s] = max_ij |d out[0, t, i] / d x[0, s, j]| on one random x (1, L, D), max J, and the positions
+  (L,) bool where the mixer outputs."""
+  module = build(example.mixer, example.layer_idx)
+  apply, params = functional(module)
   x = _normal((1, L, D), seed=1)
   jac_tisj = jax.jit(jax.jacrev(lambda x_: apply(params, x_)[0]))(x)[:, :, 0]
   jac_ts = np.abs(np.asarray(jac_tisj, np.float64)).max(axis=(1, 3))
-  return jac_ts, jac_ts.max()
+  return jac_ts, jac_ts.max(), output_positions(module, x)[0]
 
 
 # ------------------------------------------------------------------------------------ per example
@@ -196,15 +228,21 @@ def test_bfloat16_output_is_close_to_float32(example):
 
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_causal_by_gradient(example):
-  jac_ts, scale = _dependence(example)
+  jac_ts, scale, outputs_t = _dependence(example)
   future = np.triu(jac_ts, k=1)
   t, s = np.unravel_index(future.argmax(), future.shape)
   assert future.max() <= example.causal_rtol * scale, (
       f"out[{t}] depends on the future x[{s}]: {future.max():.3g} (scale {scale:.3g})")
+  # Where the mixer outputs (every position but for a sparse mixer), out[t] depends on x[t] and, after
+  # the first such position, on some earlier x; a sparse mixer's other outputs are zero, so constant.
+  first = np.argmax(outputs_t)
+  assert outputs_t.sum() >= 2 and (jac_ts[~outputs_t] == 0).all(), outputs_t
   depends = jac_ts > DEPENDS_OVER_LEAK * example.causal_rtol * scale
-  assert depends.diagonal().all(), f"out[t] does not depend on x[t] at t = {np.where(~depends.diagonal())}"
-  on_past = np.tril(depends, k=-1)[1:].any(axis=1)
-  assert on_past.all(), f"out[t] does not depend on any earlier x at t = {1 + np.where(~on_past)[0]}"
+  diagonal = depends.diagonal() | ~outputs_t
+  assert diagonal.all(), f"out[t] does not depend on x[t] at t = {np.where(~diagonal)}"
+  on_past = np.tril(depends, k=-1).any(axis=1) | ~outputs_t
+  on_past[:first + 1] = True
+  assert on_past.all(), f"out[t] does not depend on any earlier x at t = {np.where(~on_past)[0]}"
 
 
 @pytest.mark.parametrize("example", EXAMPLES)

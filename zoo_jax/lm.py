@@ -371,7 +371,8 @@ def train_lm(config: Any, workdir: str, *, _kill_after_steps: int | None = None,
         if writer:
           writer.write(step_value, {f"train/{k}": v for k, v in scalars.items()},
                        losses=[float(m["loss"]) for m in fetched])
-          print(f"step {step_value}/{total_steps} loss {scalars['loss']:.4f} "
+          print(f"step {step_value}/{total_steps} loss {scalars['loss']:.4f}"
+                f"{train_lib.aux_text(scalars)} "
                 f"(ppl {math.exp(min(scalars['loss'], 700)):.1f}) lr {scalars['learning_rate']:.2e} "
                 f"{scalars['tokens_per_sec']:,.0f} tok/s", flush=True)
         if eval_due:

@@ -106,8 +106,12 @@ class Block(nnx.Module):
     self.state_mixer = state_mixer_cls and state_mixer_cls(
         d, cfg.state_mixer_hidden_mult, n_layers=cfg.n_layers, rngs=rngs, dtype=dtype)
 
-  def __call__(self, x_bld: jax.Array) -> jax.Array:
-    x_bld = x_bld + self.mixer(self.norm1(x_bld))
+  def __call__(self, x_bld: jax.Array, tokens_bl: jax.Array | None = None) -> jax.Array:
+    h_bld = self.norm1(x_bld)
+    # A mixer that reads token ids (`uses_tokens`: sparse_attention's programmatic / random selection) gets
+    # them beside its hidden states; every other mixer maps hidden states only.
+    x_bld = x_bld + (self.mixer(h_bld, tokens_bl) if getattr(self.mixer, "uses_tokens", False)
+                     else self.mixer(h_bld))
     if self.state_mixer is not None:
       x_bld = x_bld + self.state_mixer(self.norm2(x_bld))
     elif self.norm2 is not None:  # Zoology's block with an Identity state mixer
@@ -139,7 +143,7 @@ class LanguageModel(nnx.Module):
     """Final-norm hidden states (b, l, d), before the LM head."""
     x_bld = self.embed_tokens(tokens_bl)
     for block in self.blocks:
-      x_bld = block(x_bld)
+      x_bld = block(x_bld, tokens_bl)
     return self.final_norm(x_bld)
 
   def head(self, h_bkd: jax.Array) -> jax.Array:

@@ -264,16 +264,11 @@ def make_group_steps(graphdef, tx: optax.GradientTransformation, schedule, k: in
 
   def one_step(params, opt_state, step, lr, batch):
 
-    def loss_fn(params):
-      m = train.batch_metrics(nnx.merge(graphdef, params), batch, k)
-      return m["loss_sum"] / jnp.maximum(m["tokens"], 1.0), m
-
-    (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (_, m), grads = jax.value_and_grad(lambda p: train.loss_and_metrics(graphdef, p, batch, k),
+                                       has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates))
-    metrics = dict(loss=loss, accuracy=m["acc_sum"] / jnp.maximum(m["examples"], 1.0),
-                   learning_rate=lr * schedule(step), grad_norm=optax.global_norm(grads))
-    return params, opt_state, metrics
+    return params, opt_state, train.step_metrics(m, grads, lr * schedule(step))
 
   def train_step(params_m, opt_m, step, lr_m, batch_m):
     params_m, opt_m, metrics = jax.vmap(one_step, in_axes=(0, 0, None, 0, 0))(params_m, opt_m, step, lr_m,

@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 from zoo_jax import config as config_lib
 from zoo_jax import sharding
 from zoo_jax.data import mqar
+from zoo_jax.mixers.registry import AUX_LOSS
 from zoo_jax.model import LanguageModel, ModelConfig
 
 
@@ -126,22 +127,51 @@ def batch_metrics(model: LanguageModel, batch: dict[str, jax.Array], k: int) -> 
   )
 
 
+def auxiliary_loss(model: LanguageModel) -> jax.Array | None:
+  """The sum of the auxiliary losses the model's layers sowed in the call just made (e.g. sparse_attention's
+  sparsity loss, `nnx.Intermediate` named 'aux_loss'), popped from the model; None if no layer sowed one."""
+  sown = nnx.pop(model, nnx.Intermediate)
+  values = [v for path, v in nnx.to_flat_state(sown) if path[-1] == AUX_LOSS]
+  leaves = [leaf for v in values for leaf in jax.tree.leaves(v)]
+  return sum(jnp.asarray(leaf, jnp.float32) for leaf in leaves) if leaves else None
+
+
+def loss_and_metrics(graphdef, params, batch: dict[str, jax.Array], k: int):
+  """(loss to minimise, metrics): the mean cross-entropy over labelled tokens plus any auxiliary loss the
+  layers sowed; `metrics` holds `batch_metrics`, the task loss `task_loss` and, if sown, `aux_loss`."""
+  model = nnx.merge(graphdef, params)
+  m = batch_metrics(model, batch, k)
+  task_loss = m["loss_sum"] / jnp.maximum(m["tokens"], 1.0)
+  aux = auxiliary_loss(model)
+  m = dict(m, task_loss=task_loss)
+  if aux is None:
+    return task_loss, m
+  return task_loss + aux, dict(m, aux_loss=aux)
+
+
+def step_metrics(m: dict[str, jax.Array], grads, learning_rate: jax.Array) -> dict[str, jax.Array]:
+  """What a train step reports: `loss` is the task loss (comparable across models); a model with an
+  auxiliary loss also reports `aux_loss`, and its gradients are those of their sum."""
+  metrics = dict(loss=m["task_loss"], accuracy=m["acc_sum"] / jnp.maximum(m["examples"], 1.0),
+                 learning_rate=jnp.asarray(learning_rate, jnp.float32), grad_norm=optax.global_norm(grads))
+  if "aux_loss" in m:
+    metrics["aux_loss"] = m["aux_loss"]
+  return metrics
+
+
+def aux_text(scalars: dict[str, float]) -> str:
+  """' aux 0.0123' for a progress line when the model has an auxiliary loss, else ''."""
+  return f" aux {scalars['aux_loss']:.4f}" if "aux_loss" in scalars else ""
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, k: int, param_sh, opt_sh,
                     mesh: jax.sharding.Mesh):
 
   def train_step(params, opt_state, step, batch):
-
-    def loss_fn(params):
-      m = batch_metrics(nnx.merge(graphdef, params), batch, k)
-      return m["loss_sum"] / jnp.maximum(m["tokens"], 1.0), m
-
-    (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (_, m), grads = jax.value_and_grad(lambda p: loss_and_metrics(graphdef, p, batch, k), has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics = dict(loss=loss, accuracy=m["acc_sum"] / jnp.maximum(m["examples"], 1.0),
-                   learning_rate=jnp.asarray(schedule(step), jnp.float32),
-                   grad_norm=optax.global_norm(grads))
-    return params, opt_state, step + 1, metrics
+    return params, opt_state, step + 1, step_metrics(m, grads, schedule(step))
 
   rep = sharding.replicated(mesh)
   data = sharding.batch_sharding(mesh)
@@ -361,7 +391,8 @@ def train_and_evaluate(config: Any, workdir: str, *, _kill_after_steps: int | No
           scalars["step_ms"] = 1000 * elapsed / window_steps
           writer.write(step_value, {f"train/{k_}": v for k_, v in scalars.items()}, epoch=epoch)
           print(f"epoch {epoch + 1}/{config.train.epochs} step {step_value}/{total_steps} "
-                f"loss {scalars['loss']:.4f} acc {scalars['accuracy']:.3f} lr {scalars['learning_rate']:.2e} "
+                f"loss {scalars['loss']:.4f}{aux_text(scalars)} acc {scalars['accuracy']:.3f} "
+                f"lr {scalars['learning_rate']:.2e} "
                 f"{scalars['tokens_per_sec']:,.0f} tok/s", flush=True)
           window_start, window_steps, window_metrics = time.time(), 0, []
           first = step_value - epoch * steps_per_epoch

@@ -4,7 +4,8 @@ even layers and attention in odd ones (the paper's Section 5 hybrids; Zoology's 
 Hyperparameters: `mixers`, a list of mixer configs (each `{'name': ..., **hparams}`); layer i gets
 `mixers[i % len(mixers)]`. The default is Based's front end pairing, `[base_conv k=3, attention]`.
 
-State: that of the mixer used at the layer.
+State: that of the mixer used at the layer. Token ids (`tokens_bl`) are passed on to a layer mixer that reads
+them (`uses_tokens`, e.g. sparse_attention's programmatic selection).
 """
 
 import dataclasses
@@ -38,14 +39,15 @@ class Hybrid(nnx.Module):
     self.mixer = registry.build(cfg.layer_mixer(layer_idx), d_model=d_model, seq_len=seq_len,
                                 layer_idx=layer_idx, n_layers=n_layers, rngs=rngs, dtype=dtype,
                                 field=f"model.mixer.mixers[{layer_idx % len(cfg.mixers)}]")
+    self.uses_tokens = getattr(self.mixer, "uses_tokens", False)
 
   @staticmethod
   def state_size(cfg: HybridConfig, d_model: int, seq_len: int, layer_idx: int) -> int:
     return registry.state_size(cfg.layer_mixer(layer_idx), d_model=d_model, seq_len=seq_len,
                                layer_idx=layer_idx)
 
-  def __call__(self, x_bld: jax.Array) -> jax.Array:
-    return self.mixer(x_bld)
+  def __call__(self, x_bld: jax.Array, tokens_bl: jax.Array | None = None) -> jax.Array:
+    return self.mixer(x_bld, tokens_bl) if self.uses_tokens else self.mixer(x_bld)
 
   def init_state(self, batch_size: int) -> Any:
     return self.mixer.init_state(batch_size)
