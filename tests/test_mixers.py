@@ -118,7 +118,10 @@ KNOWN_EXAMPLES = {
                 {"name": "sparse_attention", "selection": "programmatic", "budget": 6, "keys": "all",
                  "num_heads": 2}, 0, _kv_cache, 0.0),
         Example("sparse_attention/learned,k=6", {"name": "sparse_attention", "selection": "learned", "budget": 6},
-                0, lambda d, l: 2 * d * min(6, l), 0.0),
+                0, lambda d, l: (2 * d + 1) * min(6, l), 0.0),
+        Example("sparse_attention/learned,keys=all", {"name": "sparse_attention", "selection": "learned",
+                                                      "budget": 6, "keys": "all"}, 0, lambda d, l: (2 * d + 1) * l,
+                0.0),
     ],
     "hybrid": [  # layer 1 of [base_conv k=3, attention] is attention (layer 0: test_hybrid_cycles_...)
         Example("hybrid/[base_conv,attention],layer1",

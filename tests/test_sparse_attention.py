@@ -260,3 +260,11 @@ def test_bad_hyperparameters_are_one_line_errors_naming_the_field(hparams, field
   with pytest.raises(ValueError) as err:
     mixers.parse({"name": "sparse_attention", **hparams})
   assert str(err.value).startswith(f"model.mixer.{field}") and "\n" not in str(err.value)
+
+
+def test_recurrent_form_only_where_a_step_needs_no_token_ids():
+  # full and learned have init_state / step (checked against the parallel form by tests/test_mixers.py);
+  # random and programmatic select from token ids, which a step does not take.
+  for selection, has_step in [("full", True), ("learned", True), ("random", False), ("programmatic", False)]:
+    m = build(selection=selection)
+    assert callable(getattr(m, "step", None)) is has_step and callable(getattr(m, "init_state", None)) is has_step

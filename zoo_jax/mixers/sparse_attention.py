@@ -46,9 +46,12 @@ sequence-wide top-k is not causal (a later, higher score would evict an earlier 
 was already produced), so zoo_jax takes positions above a threshold (s > 0) in order until the budget is
 spent, the causal counterpart. Zoology's repository has no sparse-attention code; the gate and the
 sparsity loss (the mean gate, an L1 penalty on the soft selection) are our choices where the paper gives
-no formula. No recurrent `step` yet.
+no formula.
 
-State: 2·d·min(k, L) (selected keys) or 2·d·L (full, or keys='all').
+State: the KV cache, 2·d·L for full; 2·d·min(k, L) with keys='selected' and 2·d·L with keys='all', plus one
+log-gate per cached key for learned selection ((2·d + 1)·min(k, L) or (2·d + 1)·L). Recurrent form
+(`init_state` / `step`) for full and learned selections; random and programmatic selections read token ids,
+which a step does not take.
 """
 
 import dataclasses
@@ -137,7 +140,7 @@ def first_k(selected_bl: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 
 @registry.register("sparse_attention", hparams=SparseAttentionConfig,
-                   state_size_formula="2·d·min(k, L) (keys='selected'); 2·d·L (full or keys='all')")
+                   state_size_formula="2·d·L (full); (2·d + [learned])·min(k, L) (keys='selected') or ·L (keys='all')")
 class SparseAttention(Attention):
 
   def __init__(self, cfg: SparseAttentionConfig, *, d_model: int, seq_len: int, layer_idx: int, n_layers: int,
@@ -148,16 +151,58 @@ class SparseAttention(Attention):
     self.uses_tokens = cfg.selection in ("random", "programmatic")
     self.scorer = layers.linear(d_model, 1, axes=("embed", None), rngs=rngs, dtype=jnp.float32) \
         if cfg.selection == "learned" else None
+    if self.uses_tokens:  # no recurrent form: a step takes no token ids (tests skip a mixer without step)
+      self.init_state = self.step = None
 
   @staticmethod
   def state_size(cfg: SparseAttentionConfig, d_model: int, seq_len: int, layer_idx: int) -> int:
-    if cfg.selection == "full" or cfg.keys == "all":
+    if cfg.selection == "full":
       return 2 * d_model * seq_len
-    return 2 * d_model * min(cfg.budget, seq_len)
+    slots = seq_len if cfg.keys == "all" else min(cfg.budget, seq_len)
+    return (2 * d_model + (cfg.selection == "learned")) * slots  # learned: each key's gate too
 
-  # Attention's recurrent form does not apply to a sparse layer.
-  init_state = None
-  step = None
+  def init_state(self, batch_size: int) -> dict[str, jax.Array]:
+    """The recurrent form's state (full and learned selections; random and programmatic read token ids,
+    which `step` does not take). full: Attention's KV cache of L positions. learned: a KV cache of
+    min(k, L) slots (keys='selected') or L (keys='all'), each key's log-gate, the number of selected
+    positions n and the position t."""
+    cfg = self.cfg
+    if cfg.selection == "full":
+      return super().init_state(batch_size)
+    slots = self.seq_len if cfg.keys == "all" else min(cfg.budget, self.seq_len)
+    shape = (batch_size, slots, self.num_heads, self.d_model // self.num_heads)
+    return dict(k=jnp.zeros(shape, jnp.float32), v=jnp.zeros(shape, jnp.float32),
+                key_log_gate=jnp.zeros((batch_size, slots), jnp.float32),
+                n=jnp.zeros((batch_size,), jnp.int32), t=jnp.zeros((batch_size,), jnp.int32))
+
+  def step(self, state: dict[str, jax.Array], x_bd: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
+    """One token. learned: score it; if s > 0 and fewer than k are selected, it is selected: with
+    keys='selected' its key and value enter slot n (keys='all' writes every token at slot t, its gate
+    with it) and it attends over the filled slots; an unselected token outputs 0."""
+    cfg = self.cfg
+    if cfg.selection == "full":
+      return super().step(state, x_bd)
+    b, d = x_bd.shape
+    score_b = self.scorer(x_bd.astype(jnp.float32))[:, 0]
+    n_b, t_b = state["n"], state["t"]
+    budget = min(cfg.budget, self.seq_len)
+    selected_b = (score_b > 0) & (n_b < budget)
+    q_bhe, k_bhe, v_bhe = (a[:, 0].astype(jnp.float32) for a in self._split_heads(self.qkv_proj(x_bd)[:, None]))
+    if self.rotary:
+      q_bhe, k_bhe = (apply_rotary(a[:, None], t_b[:, None], self.rotary_base)[:, 0] for a in (q_bhe, k_bhe))
+    slot_b = t_b if cfg.keys == "all" else jnp.minimum(n_b, budget - 1)
+    write_b = jnp.ones_like(selected_b) if cfg.keys == "all" else selected_b
+    put = jax.vmap(lambda cache, i, new, w: cache.at[i].set(jnp.where(w, new, cache[i])))
+    k_cache, v_cache = put(state["k"], slot_b, k_bhe, write_b), put(state["v"], slot_b, v_bhe, write_b)
+    log_gate_b = jax.nn.log_sigmoid(score_b)
+    key_log_gate = put(state["key_log_gate"], slot_b, log_gate_b, write_b)
+    filled_b = t_b + 1 if cfg.keys == "all" else n_b + selected_b
+    mask_bs = jnp.arange(k_cache.shape[1])[None] < jnp.maximum(filled_b, 1)[:, None]
+    y_bhe = jax.nn.dot_product_attention(q_bhe[:, None], k_cache, v_cache, bias=key_log_gate[:, None, None, :],
+                                         mask=mask_bs[:, None, None, :])[:, 0]
+    y_bd = (y_bhe.reshape(b, d) * jax.nn.sigmoid(score_b)[:, None]).astype(x_bd.dtype)
+    out_bd = jnp.where(selected_b[:, None], self.out_proj(y_bd), 0)
+    return dict(k=k_cache, v=v_cache, key_log_gate=key_log_gate, n=n_b + selected_b, t=t_b + 1), out_bd
 
   def selection(self, x_bld: jax.Array, tokens_bl: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
     """(f(u) (b, l) bool, learned scores (b, l) float32 or None)."""
