@@ -21,7 +21,9 @@ BaseConv → full-attention gap the variant closes:
          experiments/ar_gap.py does), with shares on log-perplexity (mean NLL ℓ): (ℓ_base − ℓ) / (ℓ_base − ℓ_full)
 A share is "n/a" when a run is missing or the gap is ~0 (below `MIN_ACCURACY_GAP` / `MIN_NLL_GAP`). The last
 column is the training `aux_loss` (the sparsity loss of the learned selections) of the last logged window.
-`build_table(workdir, tasks, variants)` is a pure function of the run workdirs' files.
+`build_table(workdir, tasks, variants)` is a pure function of the run workdirs' files. Then, for the MQAR runs
+with a selecting layer, a second table (`<workdir>/selection.md`, `selection_table`): positions selected per
+test example and the share of context keys, context values, queries and filler selected.
 
 Seconds per train step on 2 CPU cores (batch 64, d_model 64, 2 layers, budget L/4; load 2-4 from other jobs;
 `full` is plain attention, the others gather k = L/4 positions):
@@ -296,6 +298,34 @@ def build_table(workdir: str, tasks: list[str] | None = None, variants: list[str
   return markdown, format_csv(rows), rows
 
 
+def selection_table(workdir: str, tasks: list[str], variants: list[str]) -> str:
+  """Markdown: for every finished MQAR run with a selecting layer (random / programmatic / learned), the
+  positions it selects per test example and the share of context keys, values, queries and filler
+  selected (zoo_jax.analysis.selection, first 500 test examples, best-validation parameters). '' if none."""
+  from zoo_jax import notebook_utils  # pylint: disable=g-import-not-at-top
+  from zoo_jax.analysis import selection  # pylint: disable=g-import-not-at-top
+  from zoo_jax.data import mqar  # pylint: disable=g-import-not-at-top
+  lines = []
+  for task in tasks:
+    if CONFIGS.task_kind(task) != "mqar":
+      continue
+    for variant in variants:
+      run_dir = os.path.join(workdir, task, variant)
+      if variant in ("base_conv", "full") or not os.path.exists(os.path.join(run_dir, "summary.json")):
+        continue
+      model, cfg = notebook_utils.load_mqar_model(run_dir)
+      data = cfg.data
+      ds = mqar.build_dataset(data.test_segments, vocab_size=data.vocab_size, seed=cfg.seed, split="test",
+                              power_a=data.power_a, random_non_queries=data.random_non_queries)
+      for layer, st in selection.mqar_selection(model, ds).items():
+        lines.append(f"| {task} | {variant} | {layer} | {st['selected']:.1f} | {st['keys']:.3f} | "
+                     f"{st['values']:.3f} | {st['queries']:.3f} | {st['filler']:.4f} |")
+  if not lines:
+    return ""
+  return "\n".join(["| task | variant | layer | selected / example | context keys | context values | queries | "
+                    "filler |", "|---|---|---|---|---|---|---|---|", *lines])
+
+
 # ---------------------------------------------------------------------------------------------- Main
 
 
@@ -333,6 +363,12 @@ def run(config, workdir: str, tasks: list[str], variants: list[str]) -> int:
   print("\nBaseConv → attention gap closed by sparse-attention hybrids (MQAR: test accuracy; LM: validation "
         f"perplexity; shares on accuracy / log-perplexity):\n{markdown}\n\ntable: {os.path.join(workdir, 'table.md')}"
         f", {os.path.join(workdir, 'table.csv')}", flush=True)
+  selected = selection_table(workdir, tasks, variants)
+  if selected:
+    with open(os.path.join(workdir, "selection.md"), "w") as f:
+      f.write(selected + "\n")
+    print(f"\nPositions the sparse layers select on MQAR test examples (share of each role selected):\n{selected}"
+          f"\n\ntable: {os.path.join(workdir, 'selection.md')}", flush=True)
   if failed:
     print(f"failed runs: {', '.join(failed)}", flush=True)
   return len(failed)

@@ -268,3 +268,26 @@ def test_recurrent_form_only_where_a_step_needs_no_token_ids():
   for selection, has_step in [("full", True), ("learned", True), ("random", False), ("programmatic", False)]:
     m = build(selection=selection)
     assert callable(getattr(m, "step", None)) is has_step and callable(getattr(m, "init_state", None)) is has_step
+
+
+# ------------------------------------------------------------------------ selection by MQAR role
+
+
+def test_mqar_selection_counts_each_role():
+  """A programmatic layer selects exactly the queries (keys seen again); filler 0 excluded."""
+  from zoo_jax.analysis import selection  # pylint: disable=g-import-not-at-top
+  from zoo_jax.data import mqar  # pylint: disable=g-import-not-at-top
+  ds = mqar.build_dataset([dict(seq_len=32, num_kv_pairs=4, num_examples=20)], vocab_size=64, seed=0, split="test")
+  cfg = ModelConfig(vocab_size=64, d_model=D, n_layers=2, seq_len=32, mixer={
+      "name": "hybrid", "mixers": [{"name": "base_conv", "kernel_size": 3},
+                                   {"name": "sparse_attention", "selection": "programmatic", "budget": 8,
+                                    "exclude_tokens": [0]}]})
+  stats = selection.mqar_selection(LanguageModel(cfg, rngs=nnx.Rngs(0)), ds, batch_size=8)
+  assert list(stats) == [1]
+  assert stats[1] == dict(selected=4.0, keys=0.0, values=0.0, queries=1.0, filler=0.0)
+
+
+def test_a_learned_layer_runs_under_a_jit_that_closes_over_it():
+  m = build(selection="learned")
+  x = normal((1, 12, D))
+  np.testing.assert_allclose(jax.jit(lambda x_: m(x_))(x), m(x), rtol=1e-6, atol=1e-7)

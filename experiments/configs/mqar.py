@@ -5,7 +5,7 @@ r"""MQAR on CPU: attention against BaseConv at one width, in a few minutes on 2 
 
 The argument after the colon picks runs of `RUNS` (comma-separated), default
 `attention,base_conv,base_conv_L64`; every Figure-2 mixer (attention, base_conv, hyena, h3, rwkv, based,
-mamba), the other baselines (hybrid, sliding_window, blocked, s4d, retnet) and the recurrences of
+mamba), the other baselines (hybrid, sliding_window, blocked, s4d, retnet, sparse_attention) and the recurrences of
 Zoology's README trade-off (mamba2, gla, delta_net, gated_delta_net, rwkv7) have a run. Each run is a
 partial config merged into the base below, so a run may change the model and the data. Overrides reach
 any key: `--config.model.d_model=64`, `--config.train.learning_rate=1e-3`,
@@ -72,6 +72,11 @@ OTHER_MODELS = {
     "blocked": dict(mixer=dict(name="blocked", block_size=8), learned_positions=True),
     "s4d": dict(mixer=dict(name="s4d"), learned_positions=False),
     "retnet": dict(mixer=dict(name="retnet"), learned_positions=False),
+    # Section 5's input-dependent sparse attention after a short BaseConv (experiments/sparse_hybrids.py runs
+    # every selection at L = 256 and 512): learned selection of at most 16 of the 32 positions.
+    "sparse_attention": dict(mixer=dict(name="hybrid", mixers=[
+        dict(name="base_conv", kernel_size=3), dict(name="sparse_attention", selection="learned", budget=16)]),
+                             learned_positions=False),
 }
 
 

@@ -57,6 +57,7 @@ which a step does not take.
 import dataclasses
 from typing import Any
 
+import flax
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -267,6 +268,12 @@ class SparseAttention(Attention):
     if gate_bl is not None:
       y_bkd = y_bkd * gate_bl[rows_b1, safe_bk][..., None].astype(y_bkd.dtype)
       if cfg.aux_weight > 0:
-        self.sow(nnx.Intermediate, registry.AUX_LOSS, cfg.aux_weight * jnp.mean(gate_bl))
+        try:
+          self.sow(nnx.Intermediate, registry.AUX_LOSS, cfg.aux_weight * jnp.mean(gate_bl))
+        except flax.errors.TraceContextError:
+          # Called under a transform that closed over the module (e.g. `jax.jit(lambda x: model(x))`), where
+          # NNX forbids mutating it: nothing can collect the loss there. Training merges the model inside its
+          # step (zoo_jax.train.loss_and_metrics), where the sow works.
+          pass
     out_bkd = self.out_proj(y_bkd)
     return jnp.zeros((b, l, d), out_bkd.dtype).at[rows_b1, positions_bk].set(out_bkd, mode="drop")
