@@ -222,6 +222,8 @@ def test_end_to_end_smoke_run_and_resume(tmp_path):
   assert "n/a | n/a | n/a" not in rows["learned"].split("|", 2)[2][:40]  # a value for MQAR
   assert rows["learned"].rstrip(" |").split("|")[-1].strip() != "–"  # the learned layer's aux_loss
   assert (workdir / "table.csv").read_text().startswith("variant,mqar256_accuracy,")
+  selection = (workdir / "selection.md").read_text().splitlines()
+  assert [line.split("|")[2].strip() for line in selection[2:]] == ["programmatic_all", "learned"]
   for task in ("mqar256", "lm"):
     for variant in ("base_conv", "full", "programmatic_all", "learned"):
       assert (workdir / task / variant / "summary.json").exists()
