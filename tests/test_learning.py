@@ -12,10 +12,15 @@ Both runs are seeded and deterministic on CPU; the thresholds leave room for the
 XLA builds (the measured figures are in the foundation issue's note).
 """
 
+import pytest
+
 from zoo_jax import config as config_lib
 from zoo_jax import train
 
 
+# slow: about 4 minutes of training, the longest default test; the default suite reached 15.5 minutes on 2
+# cores with it (stop 13), so it runs with `-m slow` (CI runs that command too).
+@pytest.mark.slow
 def test_attention_solves_mqar_and_base_conv_stays_lower_at_a_longer_length(tmp_path, mqar_configs):
   runs = config_lib.expand_runs(mqar_configs.get_config("attention,base_conv_L64"))
   attention = train.train_and_evaluate(runs["attention"], str(tmp_path / "attention"))
