@@ -157,7 +157,7 @@ def tokens_for(x: jax.Array) -> jax.Array:
 
 
 def call(module: nnx.Module, x: jax.Array) -> jax.Array:
-  return module(x, tokens_for(x)) if getattr(module, "uses_tokens", False) else module(x)
+  return mixers.apply(module, x, tokens_for(x))
 
 
 def functional(module: nnx.Module):

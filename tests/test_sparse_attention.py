@@ -117,7 +117,7 @@ def test_gathered_attention_equals_the_dense_masked_definition(selection, keys):
   tokens = jnp.asarray(np.random.default_rng(2).integers(0, 6, (3, l)))
   if selection == "learned":  # scores of both signs, enough above 0 to fill the budget in some rows
     m.scorer.kernel[...] = normal((D, 1), seed=3)
-  out = m(x, tokens) if m.uses_tokens else m(x)
+  out = mixers.apply(m, x, tokens)
   selected = np.asarray(m.selected_positions(x, tokens))
   assert (selected.sum(axis=1) <= 7).all() and selected.sum() >= 6
   np.testing.assert_allclose(out, dense_reference(m, x, tokens, keys), rtol=2e-5, atol=2e-6)
@@ -152,8 +152,7 @@ def test_future_tokens_and_inputs_do_not_change_past_outputs(selection, keys):
   x = normal((2, l, D), seed=6)
   tokens2 = tokens.at[:, t + 1:].set(100 + jnp.arange(l - t - 1))  # new tokens: no repeats after t
   x2 = x.at[:, t + 1:].set(10 * normal((2, l - t - 1, D), seed=7))
-  run = lambda x_, tok: m(x_, tok) if m.uses_tokens else m(x_)
-  np.testing.assert_array_equal(run(x, tokens)[:, :t + 1], run(x2, tokens2)[:, :t + 1])
+  np.testing.assert_array_equal(mixers.apply(m, x, tokens)[:, :t + 1], mixers.apply(m, x2, tokens2)[:, :t + 1])
   sel, sel2 = m.selected_positions(x, tokens), m.selected_positions(x2, tokens2)
   np.testing.assert_array_equal(sel[:, :t + 1], sel2[:, :t + 1])
   if selection != "random":
@@ -217,11 +216,9 @@ def test_no_auxiliary_loss_without_a_weight():
 def forward_flops(mixer: dict, l: int) -> float:
   module = mixers.build(mixer, d_model=32, seq_len=l, layer_idx=0, n_layers=2, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(module)
-  uses_tokens = getattr(module, "uses_tokens", False)
 
   def f(state_, x, tokens):
-    m = nnx.merge(graphdef, state_)
-    return m(x, tokens) if uses_tokens else m(x)
+    return mixers.apply(nnx.merge(graphdef, state_), x, tokens)
 
   x = jax.ShapeDtypeStruct((1, l, 32), jnp.float32)
   tokens = jax.ShapeDtypeStruct((1, l), jnp.int32)

@@ -107,11 +107,7 @@ class Block(nnx.Module):
         d, cfg.state_mixer_hidden_mult, n_layers=cfg.n_layers, rngs=rngs, dtype=dtype)
 
   def __call__(self, x_bld: jax.Array, tokens_bl: jax.Array | None = None) -> jax.Array:
-    h_bld = self.norm1(x_bld)
-    # A mixer that reads token ids (`uses_tokens`: sparse_attention's programmatic / random selection) gets
-    # them beside its hidden states; every other mixer maps hidden states only.
-    x_bld = x_bld + (self.mixer(h_bld, tokens_bl) if getattr(self.mixer, "uses_tokens", False)
-                     else self.mixer(h_bld))
+    x_bld = x_bld + mixers.apply(self.mixer, self.norm1(x_bld), tokens_bl)  # token ids if it reads them
     if self.state_mixer is not None:
       x_bld = x_bld + self.state_mixer(self.norm2(x_bld))
     elif self.norm2 is not None:  # Zoology's block with an Identity state mixer

@@ -47,7 +47,7 @@ class Hybrid(nnx.Module):
                                layer_idx=layer_idx)
 
   def __call__(self, x_bld: jax.Array, tokens_bl: jax.Array | None = None) -> jax.Array:
-    return self.mixer(x_bld, tokens_bl) if self.uses_tokens else self.mixer(x_bld)
+    return registry.apply(self.mixer, x_bld, tokens_bl)
 
   def init_state(self, batch_size: int) -> Any:
     return self.mixer.init_state(batch_size)

@@ -142,6 +142,12 @@ def build(cfg: Any, *, d_model: int, seq_len: int, layer_idx: int, n_layers: int
                      n_layers=n_layers, dtype=dtype, rngs=rngs)
 
 
+def apply(mixer: nnx.Module, x_bld: Any, tokens_bl: Any = None) -> Any:
+  """`mixer(x_bld)`, or `mixer(x_bld, tokens_bl)` for a mixer that reads token ids (`uses_tokens`, e.g.
+  sparse_attention's programmatic and random selections); every other mixer maps hidden states only."""
+  return mixer(x_bld, tokens_bl) if getattr(mixer, "uses_tokens", False) else mixer(x_bld)
+
+
 def state_size(cfg: Any, *, d_model: int, seq_len: int, layer_idx: int) -> int:
   spec, hparams = parse(cfg)
   return int(spec.state_size(hparams, d_model, seq_len, layer_idx))
