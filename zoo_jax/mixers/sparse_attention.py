@@ -241,27 +241,27 @@ class SparseAttention(Attention):
     safe_bk = jnp.minimum(positions_bk, l - 1)  # empty slots read the last row; their output is dropped
     rows_b1 = jnp.arange(b)[:, None]
 
-    q_bkhe, k_bkhe, v_bkhe = self._split_heads(self.qkv_proj(x_bld[rows_b1, safe_bk]))
-    if self.rotary:
-      q_bkhe = apply_rotary(q_bkhe, safe_bk, self.rotary_base)
     gate_bl = None if score_bl is None else jax.nn.sigmoid(score_bl)
     if cfg.keys == "selected":
-      # Slots are in position order: slot i sees slots j <= i that hold a position. An empty slot sees
-      # itself only (a defined softmax; its output is dropped).
+      # Project only the k gathered rows. Slots are in position order: slot i sees slots j <= i that hold a
+      # position. An empty slot sees itself only (a defined softmax; its output is dropped).
+      key_positions_bs = safe_bk
+      q_bkhe, keys_bshe, values_bshe = self._split_heads(self.qkv_proj(x_bld[rows_b1, safe_bk]))
       eye_kk = jnp.eye(k, dtype=bool)
       mask_b1kk = ((jnp.tril(jnp.ones((k, k), bool)) & valid_bk[:, None, :]) | eye_kk)[:, None]
-      if self.rotary:
-        k_bkhe = apply_rotary(k_bkhe, safe_bk, self.rotary_base)
-      keys_bshe, values_bshe = k_bkhe, v_bkhe
       key_log_gate_bs = None if score_bl is None else jax.nn.log_sigmoid(score_bl[rows_b1, safe_bk])
     else:
-      _, keys_bshe, values_bshe = self._split_heads(self.qkv_proj(x_bld))
-      if self.rotary:
-        keys_bshe = apply_rotary(keys_bshe, jnp.broadcast_to(jnp.arange(l), (b, l)), self.rotary_base)
+      # Every position is a key: project all L rows once and gather the queries from them.
+      key_positions_bs = jnp.broadcast_to(jnp.arange(l), (b, l))
+      q_blhe, keys_bshe, values_bshe = self._split_heads(self.qkv_proj(x_bld))
+      q_bkhe = q_blhe[rows_b1, safe_bk]
       key_positions_s = jnp.arange(l)
       mask_b1kk = ((key_positions_s[None, None, :] <= safe_bk[:, :, None])
                    | (~valid_bk[:, :, None] & (key_positions_s == 0)))[:, None]
       key_log_gate_bs = None if score_bl is None else jax.nn.log_sigmoid(score_bl)
+    if self.rotary:
+      q_bkhe = apply_rotary(q_bkhe, safe_bk, self.rotary_base)
+      keys_bshe = apply_rotary(keys_bshe, key_positions_bs, self.rotary_base)
     bias = None if key_log_gate_bs is None else key_log_gate_bs[:, None, None, :].astype(q_bkhe.dtype)
     y_bkhe = jax.nn.dot_product_attention(q_bkhe, keys_bshe, values_bshe, bias=bias, mask=mask_b1kk)
     y_bkd = y_bkhe.reshape(b, k, d)
