@@ -379,13 +379,8 @@ def train_group(runs: list[Run], group_dir: str, *, devices=None, label: str = "
   start_time = time.time()
 
   # Data, once per seed (runs that differ only in learning rate share it).
-  data_kwargs = dict(vocab_size=config.data.vocab_size, power_a=config.data.power_a,
-                     random_non_queries=config.data.random_non_queries)
-  by_seed = {}
-  for seed in sorted(set(seeds)):
-    by_seed[seed] = {split: mqar.build_dataset(config.data[f"{split}_segments"], split=split, seed=seed,
-                                               **data_kwargs)
-                     for split in ("train", "validation", "test")}
+  by_seed = {seed: {split: train.build_split(config, split, seed) for split in ("train", "validation", "test")}
+             for seed in sorted(set(seeds))}
   split_sets = {split: [by_seed[s][split] for s in seeds] for split in ("train", "validation", "test")}
   train_ds0 = split_sets["train"][0]
   if len(train_ds0) < config.train.batch_size:

@@ -54,6 +54,15 @@ class _SimulatedKill(RuntimeError):
 # ---------------------------------------------------------------------------------------------- Model
 
 
+def build_split(config: Any, split: str, seed: int | None = None) -> mqar.MQARDataset:
+  """The MQAR split ('train', 'validation', 'test') a resolved run config describes, drawn with the run's
+  seed unless `seed` is given (sweeps draw one dataset per seed)."""
+  data = config.data
+  return mqar.build_dataset(data[f"{split}_segments"], split=split, vocab_size=data.vocab_size,
+                            seed=config.seed if seed is None else seed, power_a=data.power_a,
+                            random_non_queries=data.random_non_queries)
+
+
 def count_params(params: Any) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
@@ -310,12 +319,8 @@ def train_and_evaluate(config: Any, workdir: str, *, _kill_after_steps: int | No
   start_time = time.time()
 
   # Input.
-  data_kwargs = dict(vocab_size=config.data.vocab_size, seed=config.seed, power_a=config.data.power_a,
-                     random_non_queries=config.data.random_non_queries)
   t0 = time.time()
-  train_ds = mqar.build_dataset(config.data.train_segments, split="train", **data_kwargs)
-  valid_ds = mqar.build_dataset(config.data.validation_segments, split="validation", **data_kwargs)
-  test_ds = mqar.build_dataset(config.data.test_segments, split="test", **data_kwargs)
+  train_ds, valid_ds, test_ds = (build_split(config, split) for split in ("train", "validation", "test"))
   logging.info("data: %d train / %d validation / %d test examples in %.1fs", len(train_ds), len(valid_ds),
                len(test_ds), time.time() - t0)
   if len(train_ds) < config.train.batch_size:
