@@ -6,7 +6,7 @@ setuptools.setup(
     version="0.1.0",
     description="Sequence mixers on associative recall, in JAX/Flax (a reimplementation of Zoology).",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["zoo_jax", "zoo_jax.*", "kernels", "kernels.*"]),
+    packages=setuptools.find_packages(include=["zoo_jax", "zoo_jax.*"]),
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",

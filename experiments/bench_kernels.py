@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels import gated_conv, long_conv, short_conv  # pylint: disable=g-import-not-at-top
+from zoo_jax.ops import gated_conv, long_conv, short_conv  # pylint: disable=g-import-not-at-top
 
 FLASHFFTCONV_H100_MS = {1024: 0.29, 4096: 1.43, 8192: 3.58, 16384: 12.2}  # gated conv, bf16, B=64, C=768
 ACCELERATOR_SHAPES = dict(batch=64, channels=768, lengths=[256, 1024, 4096, 8192, 16384])

@@ -1,4 +1,4 @@
-"""Spec of the gated convolution core (kernels/gated_conv) and of the Monarch FFT under it (kernels/_fftconv).
+"""Spec of the gated convolution core (zoo_jax/ops/gated_conv) and of the Monarch FFT under it (zoo_jax/ops/_fftconv).
 
     y = out_gate ⊙ (h ∗ (in_gate ⊙ u) + D ⊙ in_gate ⊙ u),   ∗ the causal long convolution
 
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import _dispatch, _fftconv, gated_conv
+from zoo_jax.ops import _dispatch, _fftconv, gated_conv
 
 B, C = 2, 5
 BLOCK_C = 4  # does not divide C: the last channel block is partial

@@ -1,4 +1,4 @@
-"""Spec of the short depthwise causal convolution (kernels/short_conv) and of `layers.ShortConvolution`.
+"""Spec of the short depthwise causal convolution (zoo_jax/ops/short_conv) and of `layers.ShortConvolution`.
 
     y[t] = act(b + Σ_{j<k} w[j] ⊙ u[t - (k-1) + j]),   act ∈ {None, 'silu'}
 
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import _dispatch, short_conv
+from zoo_jax.ops import _dispatch, short_conv
 from zoo_jax import layers
 
 B, C = 2, 5
@@ -68,7 +68,7 @@ def test_paths_match_reference_value_and_gradients(path, k, l, activation):
 
 def test_pallas_kernel_and_its_vjp_lower_for_tpu(monkeypatch):
   """Lowering only, no TPU needed: Mosaic for the forward and the two backward kernel calls (SiLU's
-  pre-activation and ū). Triton has no slice, so on GPU 'pallas' runs 'xla' (see kernels/short_conv)."""
+  pre-activation and ū). Triton has no slice, so on GPU 'pallas' runs 'xla' (see zoo_jax/ops/short_conv)."""
   monkeypatch.setattr(_dispatch, "interpret", lambda: False)
   u = jax.ShapeDtypeStruct((2, 64, 256), jnp.bfloat16)
   w, b = jax.ShapeDtypeStruct((4, 256), jnp.float32), jax.ShapeDtypeStruct((256,), jnp.float32)
@@ -94,7 +94,7 @@ def test_reference_matches_the_definition():
 
 
 def _layer_before_the_dispatcher(conv: layers.ShortConvolution, u_bld):
-  """ShortConvolution.__call__ as it was written before kernels/short_conv existed."""
+  """ShortConvolution.__call__ as it was written before zoo_jax/ops/short_conv existed."""
   k = conv.kernel_size
   w_kc = conv.w_kc[...].astype(conv.dtype)
   padded = jnp.pad(u_bld, ((0, 0), (k - 1, 0), (0, 0)))

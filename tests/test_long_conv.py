@@ -1,4 +1,4 @@
-"""Spec of the causal long convolution op (kernels/long_conv), y[t] = sum_{s<=t} h[t-s] * u[s] (+ D u[t])
+"""Spec of the causal long convolution op (zoo_jax/ops/long_conv), y[t] = sum_{s<=t} h[t-s] * u[s] (+ D u[t])
 per channel.
 
 Shapes: u (b, l, c), h (l_h <= l, c), D (c,) optional; the output has u's shape and u's dtype. The
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import long_conv
+from zoo_jax.ops import long_conv
 
 B, C = 3, 5
 IMPLEMENTATIONS = ["reference", "xla", "monarch", "pallas"]  # None (the default) is checked below

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from zoo_jax import mixers
-from zoo_jax.mixers import _feature_maps, based
+from zoo_jax.mixers import based
+from zoo_jax.ops import feature_maps
 
 
 def zoology_full_taylor_exp(x_nf: np.ndarray) -> np.ndarray:
@@ -37,12 +38,12 @@ def test_feature_map_inner_product_is_the_taylor_expansion_of_exp(f):
   rng = np.random.default_rng(f)
   q, k = rng.standard_normal((5, f)), rng.standard_normal((7, f))
   expected = taylor2_of_exp(q, k)
-  phi_q, phi_k = (np.asarray(_feature_maps.taylor_exp(jnp.asarray(x, jnp.float32)), np.float64)
+  phi_q, phi_k = (np.asarray(feature_maps.taylor_exp(jnp.asarray(x, jnp.float32)), np.float64)
                   for x in (q, k))
-  assert phi_q.shape == (5, 1 + f + f * (f + 1) // 2) == (5, _feature_maps.taylor_exp_dim(f))
+  assert phi_q.shape == (5, 1 + f + f * (f + 1) // 2) == (5, feature_maps.taylor_exp_dim(f))
   np.testing.assert_allclose(phi_q @ phi_k.T, expected, rtol=1e-5)
   np.testing.assert_allclose(zoology_full_taylor_exp(q) @ zoology_full_taylor_exp(k).T, expected, rtol=1e-12)
-  kernel = _feature_maps.taylor_exp_kernel(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32))
+  kernel = feature_maps.taylor_exp_kernel(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32))
   np.testing.assert_allclose(np.asarray(kernel, np.float64), expected, rtol=1e-5)
   # ... and it approximates exp(q·k/√f) to second order: the error is O(s³) for small s.
   s = 1e-2

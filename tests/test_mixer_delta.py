@@ -1,4 +1,4 @@
-"""The delta-rule mixers (`delta_net`, `gated_delta_net`, `rwkv7`) and their shared rule (`_delta_rule`).
+"""The delta-rule mixers (`delta_net`, `gated_delta_net`, `rwkv7`) and their shared rule (`zoo_jax.ops.delta_rule`).
 
 The shared spec (tests/test_mixers.py) checks shapes, dtypes, causality, gradients and recurrent ≡ parallel
 at the defaults (one chunk: L = 12 < 64). Here:
@@ -22,7 +22,8 @@ import pytest
 
 from test_mixers import functional, run_recurrent  # the shared spec's pure apply and scanned steps
 from zoo_jax import mixers
-from zoo_jax.mixers import _delta_rule, rwkv7
+from zoo_jax.mixers import rwkv7
+from zoo_jax.ops import delta_rule
 
 D, N_LAYERS = 16, 2
 # Chunked vs token recurrence, both float32, relative to max|out| (the issue asks <= 1e-5). Measured: the
@@ -104,8 +105,8 @@ def reference(kind: str, raw: dict, s0=None) -> tuple[np.ndarray, np.ndarray]:
   return o, s
 
 
-recurrent = jax.jit(_delta_rule.recurrent)
-chunked = jax.jit(_delta_rule.chunked, static_argnames="chunk_size")
+recurrent = jax.jit(delta_rule.recurrent)
+chunked = jax.jit(delta_rule.chunked, static_argnames="chunk_size")
 
 
 @pytest.mark.parametrize("kind", ["delta", "gated", "rwkv7"])
@@ -140,8 +141,8 @@ def test_chunked_gradients_equal_recurrent_gradients(kind):
   rule, _ = rule_inputs(kind, 21, seed=3)
   cotangent = _normal((B, 21, H, V), seed=4)
   loss = lambda fn: jax.jit(jax.grad(lambda r: jnp.sum(fn(*r)[0] * cotangent)))(rule)
-  grads = loss(lambda *r: _delta_rule.chunked(*r, chunk_size=8))
-  grads_ref = loss(_delta_rule.recurrent)
+  grads = loss(lambda *r: delta_rule.chunked(*r, chunk_size=8))
+  grads_ref = loss(delta_rule.recurrent)
   for name, g, g_ref in zip(("q", "k", "v", "log_w", "a", "b"), grads, grads_ref):
     assert_close_to_scale(g, g_ref, rtol=1e-4, msg=f"d loss / d {name}")
 
@@ -202,7 +203,7 @@ def apply(module, x):
 def test_mixer_chunked_equals_recurrent_at_lengths_chunks_do_not_divide(name):
   """Chunks of 5 over L = 37 (7 chunks and a ragged one) against `step` scanned over the tokens (what
   decoding runs); the rule's own tests cover other chunk sizes. `form='recurrent'` is the same
-  `_delta_rule.recurrent` in all three mixers: checked once, on the one with a per-channel decay."""
+  `delta_rule.recurrent` in all three mixers: checked once, on the one with a per-channel decay."""
   x = _normal((2, 37, D), seed=8)
   chunked_out = apply(build(name, 37, chunk_size=5), x)
   assert_close_to_scale(run_recurrent(build(name, 37, chunk_size=5), x), chunked_out, msg="steps")

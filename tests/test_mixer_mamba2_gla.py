@@ -1,5 +1,5 @@
 """Mamba-2 (`zoo_jax.mixers.mamba2`), GLA (`zoo_jax.mixers.gla`) and their shared chunked gated linear
-recurrence (`zoo_jax.mixers._chunked_gla`) against float64 token loops.
+recurrence (`zoo_jax.ops.chunked_gla`) against float64 token loops.
 
 The shared spec (tests/test_mixers.py) checks shapes, dtypes, causality, gradients and recurrent ≡ parallel
 at the defaults (one chunk: L = 12); here: the chunked recurrence equals the token loop for chunk sizes
@@ -18,7 +18,7 @@ import pytest
 
 from test_mixers import functional, run_recurrent  # the shared spec's pure apply and scanned steps
 from zoo_jax import mixers
-from zoo_jax.mixers import _chunked_gla
+from zoo_jax.ops import chunked_gla
 
 D, N_LAYERS = 16, 2
 # Float32 against the float64 loop: round-off measured <= 3e-7 of the output scale (strong decays too);
@@ -81,7 +81,7 @@ DECAYS = [pytest.param(1, id="scalar"), pytest.param(4, id="per_channel")]
 @pytest.mark.parametrize("strong", [False, True], ids=["decay<=0.5", "decay=20"])
 def test_chunked_form_is_the_token_loop(decay_width, chunk, strong):
   q, k, v, log_decay = recurrence_inputs(decay_width, strong=strong)
-  out = jax.jit(_chunked_gla.chunked, static_argnums=4)(q, k, v, log_decay, chunk)
+  out = jax.jit(chunked_gla.chunked, static_argnums=4)(q, k, v, log_decay, chunk)
   assert_close_to_scale(out, token_loop(q, k, v, log_decay), msg=f"chunk {chunk}")
 
 
@@ -91,7 +91,7 @@ def test_recurrent_step_is_the_token_loop():
   def scan(q, k, v, log_decay):
     state = jnp.zeros((2, 2, 4, 3), jnp.float32)
     time_major = [jnp.swapaxes(a, 0, 1) for a in (q, k, v, log_decay)]
-    _, out = jax.lax.scan(lambda s, x: _chunked_gla.recurrent_step(s, *x), state, time_major)
+    _, out = jax.lax.scan(lambda s, x: chunked_gla.recurrent_step(s, *x), state, time_major)
     return jnp.swapaxes(out, 0, 1)
 
   assert_close_to_scale(jax.jit(scan)(q, k, v, log_decay), token_loop(q, k, v, log_decay))
@@ -106,13 +106,13 @@ def test_gradients_at_strong_decays_are_finite_and_those_of_the_token_loop(decay
 
   def stepped(q, k, v, log_decay):
     time_major = [jnp.swapaxes(a, 0, 1) for a in (q, k, v, log_decay)]
-    _, out = jax.lax.scan(lambda s, x: _chunked_gla.recurrent_step(s, *x),
+    _, out = jax.lax.scan(lambda s, x: chunked_gla.recurrent_step(s, *x),
                           jnp.zeros((2, 2, 4, 3), jnp.float32), time_major)
     return jnp.swapaxes(out, 0, 1)
 
   loss = lambda form: lambda *a: jnp.sum(form(*a) * cotangent)
   argnums = (0, 1, 2, 3)
-  grads = jax.jit(jax.grad(loss(lambda *a: _chunked_gla.chunked(*a, 16)), argnums))(*inputs)
+  grads = jax.jit(jax.grad(loss(lambda *a: chunked_gla.chunked(*a, 16)), argnums))(*inputs)
   expected = jax.jit(jax.grad(loss(stepped), argnums))(*inputs)
   for name, g, e in zip("qkvγ", grads, expected):
     assert_close_to_scale(g, e, msg=f"d/d{name}")

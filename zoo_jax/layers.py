@@ -15,12 +15,12 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from kernels import long_conv, short_conv
+from zoo_jax.ops import long_conv, short_conv
 
 INIT_STD = 0.02
 
 # The `conv_implementation` hyperparameter of the convolution mixers: which kernel path runs the long (and
-# short) convolutions. None: the fastest measured for the backend (`kernels.*.FASTEST`).
+# short) convolutions. None: the fastest measured for the backend (`ops.*.FASTEST`).
 CONV_IMPLEMENTATIONS = long_conv.IMPLEMENTATIONS
 
 
@@ -72,7 +72,7 @@ def _torch_conv_init(fan_in: int):
 
 class ShortConvolution(nnx.Module):
   """Depthwise causal convolution of width k: y[t] = act(b + sum_{j<k} w[j] * u[t-(k-1)+j]), by
-  `kernels.short_conv` (act: None, the default, or 'silu' fused into the kernel)."""
+  `ops.short_conv` (act: None, the default, or 'silu' fused into the kernel)."""
 
   def __init__(self, d_model: int, kernel_size: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
                activation: str | None = None, implementation: str | None = None):

@@ -10,13 +10,13 @@ the whole sequence); `implicit_long_conv` = True in Zoology's MQAR configs (Fals
 `implicit_d_emb` = 3, `implicit_d_hidden` = 16; `use_act` = False (True: SiLU on both branches).
 
 `conv_implementation` = None (zoo_jax's, not Zoology's) picks the kernel path: None (the fastest measured
-on the backend), 'reference', 'xla', 'monarch' or 'pallas' (`kernels/`); the outputs agree to round-off.
+on the backend), 'reference', 'xla', 'monarch' or 'pallas' (`zoo_jax/ops/`); the outputs agree to round-off.
 
 Differences from Zoology's PyTorch `BaseConv`: a per-layer `kernel_size` list shorter than n_layers is an
 error at start-up (Zoology raises at construction). A long conv without `use_act` runs as one gated
-convolution core, y = proj(u) ⊙ (h ∗ u + u) + u = `kernels.gated_conv(u, h, out_gate=proj(u), d=1)` + u
+convolution core, y = proj(u) ⊙ (h ∗ u + u) + u = `ops.gated_conv(u, h, out_gate=proj(u), d=1)` + u
 (float32 inside, one rounding to the compute dtype at the end, where Zoology rounds after each op); with
-`use_act` the SiLUs sit between the convolution and the gate, so it is `kernels.long_conv` then the gate.
+`use_act` the SiLUs sit between the convolution and the gate, so it is `ops.long_conv` then the gate.
 
 State: a short conv keeps its last k-1 inputs, d·(k-1); a long conv needs the whole history, d·L.
 """
@@ -28,7 +28,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from kernels import gated_conv
+from zoo_jax.ops import gated_conv
 from zoo_jax import layers
 from zoo_jax.mixers import registry
 

@@ -8,7 +8,7 @@ feature width 1 + f + f(f+1)/2, v value width per head d/h, n chunks, c position
     y_t = φ(q_t)ᵀ Σ_{s≤t} φ(k_s) v_sᵀ / (φ(q_t)ᵀ Σ_{s≤t} φ(k_s) + eps);   out = W_o y
 
 with φ(q)·φ(k) = 1 + q·k/√f + (q·k)²/(2f), the second-order Taylor expansion of exp(q·k/√f)
-(`_feature_maps.taylor_exp`). Every term is positive (1 + s + s²/2 ≥ 1/2), so the denominator is at least
+(`ops.feature_maps.taylor_exp`). Every term is positive (1 + s + s²/2 ≥ 1/2), so the denominator is at least
 (t+1)/2 and eps only guards the degenerate case, as in Zoology.
 
 Parallel forms (`parallel_implementation`, Zoology's `train_view`): 'quadratic' masks the l×l matrix of
@@ -48,7 +48,7 @@ import jax.numpy as jnp
 
 from zoo_jax import layers
 from zoo_jax.mixers import registry
-from zoo_jax.mixers._feature_maps import taylor_exp, taylor_exp_dim, taylor_exp_kernel
+from zoo_jax.ops.feature_maps import taylor_exp, taylor_exp_dim, taylor_exp_kernel
 
 IMPLEMENTATIONS = ("quadratic", "linear")
 

@@ -13,7 +13,7 @@ Per head (the paper's eq. 1, with the state S as a k × v matrix):
     o_t = S_tᵀ q_t
     out = (RMSNorm_v(o) [⊙ SiLU(x W_g) with use_gate]) W_o       (RMSNorm per head, weight shared)
 
-The recurrence is `_delta_rule`'s generalised rule with w = 1, a = −k, b = β k and the write (β k) vᵀ; the
+The recurrence is `ops.delta_rule`'s generalised rule with w = 1, a = −k, b = β k and the write (β k) vᵀ; the
 training form is its chunked WY / UT form (Section 3 of the paper: `lax.scan` over chunks of `chunk_size`
 tokens, matmuls and one triangular solve inside a chunk, all in float32); `form = 'recurrent'` runs the
 token-by-token recurrence instead (the reference; `step` is one token of it).
@@ -49,7 +49,8 @@ import jax
 import jax.numpy as jnp
 
 from zoo_jax import layers
-from zoo_jax.mixers import _delta_rule, registry
+from zoo_jax.mixers import registry
+from zoo_jax.ops import delta_rule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +70,8 @@ class DeltaNetConfig:
         raise ValueError(f"{field}.{name} must be an integer >= 1, got {getattr(self, name)}")
     if not self.norm_eps > 0:
       raise ValueError(f"{field}.norm_eps must be > 0, got {self.norm_eps}")
-    if self.form not in _delta_rule.FORMS:
-      raise ValueError(f"{field}.form must be one of {list(_delta_rule.FORMS)}, got {self.form!r}")
+    if self.form not in delta_rule.FORMS:
+      raise ValueError(f"{field}.form must be one of {list(delta_rule.FORMS)}, got {self.form!r}")
 
 
 def check_heads_divide(num_heads: int, d_model: int) -> None:
@@ -121,8 +122,8 @@ class DeltaNet(nnx.Module):
     b, l, _ = qkv_blc.shape
     h, kw, vw = self.num_heads, self.key_width, self.value_width
     q, k, v = (qkv_blc[..., :kw], qkv_blc[..., kw:2 * kw], qkv_blc[..., 2 * kw:])
-    q = _delta_rule.l2_normalize(q.reshape(b, l, h, -1)) * (kw // h) ** -0.5
-    k = _delta_rule.l2_normalize(k.reshape(b, l, h, -1))
+    q = delta_rule.l2_normalize(q.reshape(b, l, h, -1)) * (kw // h) ** -0.5
+    k = delta_rule.l2_normalize(k.reshape(b, l, h, -1))
     v = v.reshape(b, l, h, -1)
     gate_blv = rest_blr[..., :vw] if self.use_gate else None
     logits = rest_blr[..., vw * self.use_gate:].astype(jnp.float32)
@@ -149,7 +150,7 @@ class DeltaNet(nnx.Module):
   def __call__(self, x_bld: jax.Array) -> jax.Array:
     conv_in, rest = self._split(self.in_proj(x_bld))
     rule, gate = self._rule_inputs(self.conv(conv_in.astype(jnp.float32)), rest)
-    o_blhv = _delta_rule.delta_rule(self.form, *rule, chunk_size=self.chunk_size)
+    o_blhv = delta_rule.delta_rule(self.form, *rule, chunk_size=self.chunk_size)
     return self._output(o_blhv, gate).astype(x_bld.dtype)
 
   def init_state(self, batch_size: int) -> dict[str, Any]:
@@ -162,6 +163,6 @@ class DeltaNet(nnx.Module):
     conv_in, rest = self._split(self.in_proj(x_bd))
     conv_state, qkv_bc = self.conv.step(state["conv"], conv_in)
     rule, gate = self._rule_inputs(qkv_bc[:, None], rest[:, None])
-    s_bhkv, o_bhv = _delta_rule.step(state["s"], *(x[:, 0] for x in rule))
+    s_bhkv, o_bhv = delta_rule.step(state["s"], *(x[:, 0] for x in rule))
     y_bd = self._output(o_bhv[:, None], gate)[:, 0]
     return dict(conv=conv_state, s=s_bhkv), y_bd.astype(x_bd.dtype)

@@ -12,7 +12,7 @@ Per head (the paper's eq. 10, the state S as a k × v matrix):
     out = (RMSNorm_v(o) ⊙ SiLU(x W_g)) W_o                  (RMSNorm per head, weight shared; gated)
 
 With α = 1 this is DeltaNet's rule (`delta_net.py`, which this module subclasses). The recurrence is
-`_delta_rule`'s generalised rule with a scalar log w = log α per head, a = −k, b = α β k and the write
+`ops.delta_rule`'s generalised rule with a scalar log w = log α per head, a = −k, b = α β k and the write
 (β k) vᵀ; the chunked form forms the decays exp(Σ log α) from pairwise differences of the cumulative log
 decay (every factor <= 1), so any α in (0, 1] is safe at any chunk size.
 

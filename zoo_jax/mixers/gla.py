@@ -16,7 +16,7 @@ per head (V/H), r the gate's rank (gate_low_rank_dim).
 The parallel form is the chunkwise form (Section 4.2; its secondary chunking, Section 4.3, at one level)
 in its log-space stable variant: inside a chunk of `chunk_size` tokens the weights
 exp(Σ_{s<u<=t} log α_u) per key channel are formed pairwise (never exp(±cumulative sums), which
-overflow), across chunks the states are passed by a `lax.scan` (`_chunked_gla.chunked` states the
+overflow), across chunks the states are passed by a `lax.scan` (`ops.chunked_gla.chunked` states the
 algorithm and its numerics: float32, every exponent <= 0). `step` is the recurrence, one token at a time.
 
 Hyperparameters (fla's defaults): `num_heads` = 4, `expand_k` = 0.5, `expand_v` = 1, `gate_low_rank_dim`
@@ -49,7 +49,8 @@ import jax
 import jax.numpy as jnp
 
 from zoo_jax import layers
-from zoo_jax.mixers import _chunked_gla, registry
+from zoo_jax.mixers import registry
+from zoo_jax.ops import chunked_gla
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +140,7 @@ class GatedLinearAttention(nnx.Module):
     qkv = self.qkv_proj(x_bld)
     if self.conv is not None:
       qkv = jax.nn.silu(self.conv(qkv))
-    o_blhv = _chunked_gla.chunked(*self._heads(x_bld, qkv), self.chunk_size)
+    o_blhv = chunked_gla.chunked(*self._heads(x_bld, qkv), self.chunk_size)
     return self._output(o_blhv, x_bld).astype(x_bld.dtype)
 
   def init_state(self, batch_size: int) -> dict[str, Any]:
@@ -155,5 +156,5 @@ class GatedLinearAttention(nnx.Module):
     if self.conv is not None:
       new_state["conv"], qkv = self.conv.step(state["conv"], qkv)
       qkv = jax.nn.silu(qkv)
-    new_state["s"], o_bhv = _chunked_gla.recurrent_step(state["s"], *self._heads(x_bd, qkv))
+    new_state["s"], o_bhv = chunked_gla.recurrent_step(state["s"], *self._heads(x_bd, qkv))
     return new_state, self._output(o_bhv, x_bd).astype(x_bd.dtype)

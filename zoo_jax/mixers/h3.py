@@ -26,9 +26,9 @@ Differences from Zoology's PyTorch `H3`:
   with i.i.d. init, so this only relabels its rows.
 - the SSMs run in float32 whatever the compute dtype (the projections use it). The ZOH/bilinear
   parameters are ordinary parameters (state-spaces' lr/weight-decay hints are ignored, as Zoology's
-  trainer ignores them). `use_fast_fftconv` (a CUDA kernel) is replaced by `kernels.long_conv` (the
+  trainer ignores them). `use_fast_fftconv` (a CUDA kernel) is replaced by `ops.long_conv` (the
   shift SSM, and the diagonal SSM when head_dim > 1) and, with head_dim = 1, by the gated convolution core
-  q ⊙ (K ∗ (k̃ ⊙ v) + D k̃ ⊙ v) = `kernels.gated_conv` (the head sum has one term). `conv_implementation`
+  q ⊙ (K ∗ (k̃ ⊙ v) + D k̃ ⊙ v) = `ops.gated_conv` (the head sum has one term). `conv_implementation`
   (zoo_jax's, default None = the fastest measured on the backend) picks their kernel path ('reference',
   'xla', 'monarch', 'pallas'); the outputs agree to round-off.
 - the recurrent state of the shift SSM is stored as the window of its last min(N, L) - 1 inputs (the
@@ -47,7 +47,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from kernels import gated_conv, long_conv
+from zoo_jax.ops import gated_conv, long_conv
 from zoo_jax import layers
 from zoo_jax.mixers import _filters, registry
 

@@ -20,7 +20,7 @@ Differences from Zoology's PyTorch `Hyena`:
   are ignored by both trainers: every parameter is in one optimizer group.
 - the short conv, the gating and the long convolution run in float32 whatever the compute dtype (the
   projections use it); x2 ⊙ (h ∗ (x1 ⊙ v) + D x1 ⊙ v) is one call of the gated convolution core
-  `kernels.gated_conv` (its `xla` path is the same zero-padded FFT, n = 2L, as Zoology's `fftconv_ref`).
+  `ops.gated_conv` (its `xla` path is the same zero-padded FFT, n = 2L, as Zoology's `fftconv_ref`).
   `conv_implementation` (zoo_jax's, default None = the fastest measured on the backend) picks the kernel
   path ('reference', 'xla', 'monarch', 'pallas') of both convolutions; the outputs agree to round-off.
 - not exposed, because Zoology's defaults are the only values its code handles or its MQAR configs use:
@@ -41,7 +41,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from kernels import gated_conv
+from zoo_jax.ops import gated_conv
 from zoo_jax import layers
 from zoo_jax.mixers import _filters, registry
 

@@ -14,7 +14,7 @@ n state width (d_state), g groups of B, C (ngroups), k conv width.
 The parallel form is the chunked state-space-dual algorithm (Section 6): inside a chunk of `chunk_size`
 tokens the quadratic (attention-like) form (C Bᵀ ⊙ L) (Δ x) with the 1-semiseparable mask
 L_ts = exp(Σ_{s<u<=t} Δ_u A) (the "segsum"), across chunks the states passed by a `lax.scan`
-(`_chunked_gla.chunked`, which states the algorithm and its numerics: float32, every exponent <= 0).
+(`ops.chunked_gla.chunked`, which states the algorithm and its numerics: float32, every exponent <= 0).
 `step` is the recurrence above, one token at a time. A length that the chunk does not divide is padded.
 
 Hyperparameters (`mamba_ssm.modules.mamba2.Mamba2`'s defaults, which Zoology's copy keeps; Zoology's
@@ -55,7 +55,8 @@ import jax
 import jax.numpy as jnp
 
 from zoo_jax import layers
-from zoo_jax.mixers import _chunked_gla, registry
+from zoo_jax.mixers import registry
+from zoo_jax.ops import chunked_gla
 from zoo_jax.mixers.mamba import _dt_bias_init  # softplus⁻¹ of log-uniform Δ₀, as mamba_ssm (both Mambas)
 
 NORM_EPS = 1e-5  # mamba_ssm's RMSNormGated
@@ -165,7 +166,7 @@ class Mamba2(nnx.Module):
   def __call__(self, u_bld: jax.Array) -> jax.Array:
     z, xbc, delta = self._split(self.in_proj(u_bld))
     q, k, v, log_decay, x = self._ssd_inputs(self.conv(xbc), delta)
-    y_blhp = _chunked_gla.chunked(q, k, v, log_decay, self.chunk_size)
+    y_blhp = chunked_gla.chunked(q, k, v, log_decay, self.chunk_size)
     return self._output(y_blhp, x, z).astype(u_bld.dtype)
 
   def init_state(self, batch_size: int) -> dict[str, Any]:
@@ -177,5 +178,5 @@ class Mamba2(nnx.Module):
     z, xbc, delta = self._split(self.in_proj(u_bd))
     conv_state, xbc_conv = self.conv.step(state["conv"], xbc)
     q, k, v, log_decay, x = self._ssd_inputs(xbc_conv, delta)
-    ssm_state, y_bhp = _chunked_gla.recurrent_step(state["ssm"], q, k, v, log_decay)
+    ssm_state, y_bhp = chunked_gla.recurrent_step(state["ssm"], q, k, v, log_decay)
     return dict(conv=conv_state, ssm=ssm_state), self._output(y_bhp, x, z).astype(u_bd.dtype)

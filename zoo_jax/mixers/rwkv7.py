@@ -18,7 +18,7 @@ With the token shift x'_t = x_{t−1} (0 before the sequence) and per-channel mi
     o_t = GroupNorm_h(r_t wkv_tᵀ) + ((r_t ⊙ k̃_t ⊙ ρ) · 1) v_t        (ρ = r_k, the "bonus", eq. 20–21)
     out = (o ⊙ g) W_o
 
-The wkv recurrence is `_delta_rule`'s generalised rule (S = wkvᵀ) with log w per channel, a = −κ̂,
+The wkv recurrence is `ops.delta_rule`'s generalised rule (S = wkvᵀ) with log w per channel, a = −κ̂,
 b = κ̂ ⊙ a and the write k̃ vᵀ, exactly the arguments flash-linear-attention passes to `chunk_rwkv7`
 (`r, w, k, v, a=-kk, b=kk*a`, scale 1). Training runs its chunked form (`lax.scan` over chunks of
 `chunk_size` tokens, matmuls and one triangular solve inside a chunk, float32); the per-channel decay is
@@ -62,13 +62,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo_jax import layers
-from zoo_jax.mixers import _delta_rule, registry
+from zoo_jax.mixers import registry
+from zoo_jax.ops import delta_rule
 from zoo_jax.mixers.delta_net import check_heads_divide
 
 LOG_DECAY_SCALE = math.exp(-0.5)  # log w ∈ (−e^(−1/2), 0)
 # The chunk's total log decay, at most chunk_size · e^(−1/2), must stay within the per-channel split's
-# float32 range (_delta_rule.MAX_CHUNK_LOG_DECAY = 80): 131 tokens.
-MAX_CHUNK_SIZE = int(_delta_rule.MAX_CHUNK_LOG_DECAY / LOG_DECAY_SCALE)
+# float32 range (delta_rule.MAX_CHUNK_LOG_DECAY = 80): 131 tokens.
+MAX_CHUNK_SIZE = int(delta_rule.MAX_CHUNK_LOG_DECAY / LOG_DECAY_SCALE)
 MIXES = ("r", "w", "k", "v", "a", "g")
 LORA_RANKS = ("decay_low_rank_dim", "a_low_rank_dim", "gate_low_rank_dim")
 
@@ -95,8 +96,8 @@ class RWKV7Config:
     if not 1 <= self.chunk_size <= MAX_CHUNK_SIZE:
       raise ValueError(f"{field}.chunk_size must be in [1, {MAX_CHUNK_SIZE}] (the per-channel decay "
                        f"overflows float32 beyond), got {self.chunk_size}")
-    if self.form not in _delta_rule.FORMS:
-      raise ValueError(f"{field}.form must be one of {list(_delta_rule.FORMS)}, got {self.form!r}")
+    if self.form not in delta_rule.FORMS:
+      raise ValueError(f"{field}.form must be one of {list(delta_rule.FORMS)}, got {self.form!r}")
 
   def rank(self, name: str, d_model: int) -> int:
     value = getattr(self, name)
@@ -183,7 +184,7 @@ class RWKV7(nnx.Module):
     log_w = -LOG_DECAY_SCALE * jax.nn.sigmoid(self.w0[...] + self.w_lora(xw, jnp.tanh))
     a = jax.nn.sigmoid(self.a0[...] + self.a_lora(xa))
     g = self.g_lora(xg, jax.nn.sigmoid)
-    kappa = _delta_rule.l2_normalize(heads(k * self.k_k[...]))
+    kappa = delta_rule.l2_normalize(heads(k * self.k_k[...]))
     k_tilde = k * (1.0 + (a - 1.0) * self.k_a[...])
     return (heads(r), heads(k_tilde), heads(v), heads(log_w), -kappa, kappa * heads(a)), g
 
@@ -198,7 +199,7 @@ class RWKV7(nnx.Module):
   def __call__(self, x_bld: jax.Array) -> jax.Array:
     x_prev_bld = jnp.pad(x_bld, ((0, 0), (1, 0), (0, 0)))[:, :-1]
     rule, g_bld = self._rule_inputs(x_bld, x_prev_bld)
-    o_blhv = _delta_rule.delta_rule(self.form, *rule, chunk_size=self.chunk_size)
+    o_blhv = delta_rule.delta_rule(self.form, *rule, chunk_size=self.chunk_size)
     return self._output(o_blhv, rule, g_bld).astype(x_bld.dtype)
 
   def init_state(self, batch_size: int) -> dict[str, jax.Array]:
@@ -211,6 +212,6 @@ class RWKV7(nnx.Module):
   def step(self, state: dict[str, jax.Array], x_bd: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
     x_prev_bd = state["shift"].astype(x_bd.dtype)
     rule, g_bld = self._rule_inputs(x_bd[:, None], x_prev_bd[:, None])
-    s_bhkv, o_bhv = _delta_rule.step(state["s"], *(t[:, 0] for t in rule))
+    s_bhkv, o_bhv = delta_rule.step(state["s"], *(t[:, 0] for t in rule))
     y_bd = self._output(o_bhv[:, None], rule, g_bld)[:, 0]
     return dict(shift=x_bd.astype(jnp.float32), s=s_bhkv), y_bd.astype(x_bd.dtype)

@@ -15,7 +15,7 @@ the output linear's weight ~ N(0, 0.02/sqrt(2·n_layers)) (Zoology's `_init_weig
 `output_linear.0.weight`), bias 0 (PyTorch's Conv1d default U(±1/sqrt(d)) would be kept there).
 
 Hyperparameters (the S4D layer's defaults): `d_state` = 64 (N), `dt_min` = 1e-3, `dt_max` = 1e-1;
-zoo_jax's `conv_implementation` = None picks the kernel path of K * u + D u (`kernels.long_conv`).
+zoo_jax's `conv_implementation` = None picks the kernel path of K * u + D u (`ops.long_conv`).
 No optimizer groups: A, dt and C are ordinary parameters with the run's learning rate and weight decay
 (the S4D repository registers A and dt with weight decay 0 and, optionally, their own learning rate).
 
@@ -33,7 +33,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from kernels import long_conv
+from zoo_jax.ops import long_conv
 from zoo_jax import layers
 from zoo_jax.mixers import _filters, registry
 

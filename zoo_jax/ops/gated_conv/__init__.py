@@ -3,13 +3,13 @@
 The inner loop of the gated convolutions (BaseConv: Arora et al. 2023, Zoology Section 4, y =
 (h ∗ u + u) ⊙ (u W + b); H3: Fu et al. 2023, eq. (2) with head_dim 1, q ⊙ (K ∗ (k ⊙ v) + D k ⊙ v);
 Hyena: Poli et al. 2023, eq. (4) of order 2, x2 ⊙ (h ∗ (x1 ⊙ v) + D x1 ⊙ v)). ∗ is the causal long
-convolution of `kernels.long_conv`; in_gate, out_gate (b, l, c) and D (c,) are each optional (None).
+convolution of `ops.long_conv`; in_gate, out_gate (b, l, c) and D (c,) are each optional (None).
 
 Paths:
   reference  the gates around the O(l²) Toeplitz convolution, all in float32: the ground truth.
   xla        the gates around `rfft`/`irfft` (n = 2l), separate XLA ops (XLA fuses the elementwise ones).
-  monarch    the gates around the Monarch DFT-matmul FFT (`kernels._fftconv`).
-  pallas     one fused kernel (`kernels._fftconv`): both gates, the padded FFT, the spectral product, the
+  monarch    the gates around the Monarch DFT-matmul FFT (`ops._fftconv`).
+  pallas     one fused kernel (`ops._fftconv`): both gates, the padded FFT, the spectral product, the
              inverse and D in one pass per (batch row, channel block), never writing the 2l-padded input
              or its spectrum to HBM; backward by `jax.custom_vjp` (the same kernel with the conjugate
              filter spectrum computes the correlation v̄ = h ⋆ z̄; h̄ by rfft correlation in XLA).
@@ -21,11 +21,11 @@ which costs speed on GPU/TPU matrix units and buys float32-level agreement with 
 import jax
 import jax.numpy as jnp
 
-from kernels import _dispatch, _fftconv
-from kernels import long_conv
+from zoo_jax.ops import _dispatch, _fftconv
+from zoo_jax.ops import long_conv
 
 IMPLEMENTATIONS = ("reference", "xla", "monarch", "pallas")
-# See kernels.long_conv.FASTEST: measured on CPU only so far.
+# See ops.long_conv.FASTEST: measured on CPU only so far.
 FASTEST = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
 
 

@@ -4,14 +4,14 @@ Dimension legend: b batch, l sequence length, c channels (depthwise: one filter 
 Inputs u (b, l, c), filter h (l_h <= l, c) (float32; shorter filters are zero-padded), optional skip D (c,).
 The output has u's shape and dtype; every path computes in float32 inside.
 
-Paths (the contract every op in `kernels/` follows):
+Paths (the contract every op in `zoo_jax/ops/` follows):
   reference  O(l²) Toeplitz matmul in float32 (HIGHEST precision): the ground truth the others are tested
              against.
   xla        FFT by `rfft`/`irfft` with n = 2l (zero padding makes the circular convolution causal), the
              same zero-padded FFT as Zoology's `fft_conv`.
-  monarch    the FFT as two stages of small dense DFT matmuls (N = 2l = N1·N2, `kernels._fftconv`), so it
+  monarch    the FFT as two stages of small dense DFT matmuls (N = 2l = N1·N2, `ops._fftconv`), so it
              runs on matrix units; float32 accumulation.
-  pallas     the fused kernel of `kernels._fftconv` with no gates (custom VJP).
+  pallas     the fused kernel of `ops._fftconv` with no gates (custom VJP).
 The dispatcher `causal_conv(..., implementation=None)` takes the fastest path measured on the current
 backend (`FASTEST`, from `experiments/bench_kernels.py`).
 """
@@ -19,7 +19,7 @@ backend (`FASTEST`, from `experiments/bench_kernels.py`).
 import jax
 import jax.numpy as jnp
 
-from kernels import _dispatch, _fftconv
+from zoo_jax.ops import _dispatch, _fftconv
 
 IMPLEMENTATIONS = ("reference", "xla", "monarch", "pallas")
 # Measured by experiments/bench_kernels.py (forward + backward). CPU: rfft beats the DFT matmuls at every
@@ -57,7 +57,7 @@ def causal_conv_reference(u_blc: jax.Array, h_lc: jax.Array, d_c: jax.Array | No
 
 
 def fft_conv_f32(v_blc: jax.Array, h_lc: jax.Array) -> jax.Array:
-  """h ∗ v by rfft with n = 2l, float32 in and out (shared with `kernels.gated_conv`)."""
+  """h ∗ v by rfft with n = 2l, float32 in and out (shared with `ops.gated_conv`)."""
   l = v_blc.shape[1]
   n = 2 * l
   u_f = jnp.fft.rfft(v_blc.astype(jnp.float32), n=n, axis=1)

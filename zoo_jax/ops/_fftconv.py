@@ -1,4 +1,4 @@
-"""The FFT convolution shared by `kernels.long_conv` and `kernels.gated_conv`: the FFT of length N = 2L as
+"""The FFT convolution shared by `ops.long_conv` and `ops.gated_conv`: the FFT of length N = 2L as
 two stages of small dense DFT matmuls (a Monarch factorisation), in plain XLA and as one fused Pallas
 kernel with its custom VJP.
 
@@ -63,7 +63,7 @@ from jax.experimental import pallas as pl
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import _dispatch
+from zoo_jax.ops import _dispatch
 
 
 @dataclasses.dataclass(frozen=True)

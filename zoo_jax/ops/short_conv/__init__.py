@@ -25,7 +25,7 @@ import jax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
-from kernels import _dispatch
+from zoo_jax.ops import _dispatch
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas")
 FASTEST = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}

@@ -37,7 +37,7 @@ def channel_block(channels: int, block_c: int | None) -> int:
 
 def compiler_params():
   """Pallas compiler parameters for the current backend. GPU: the Triton backend, chosen explicitly (jax
-  0.10 defaults `pallas_call` to Mosaic GPU; see `kernels._fftconv` for why Triton). TPU: Mosaic's
+  0.10 defaults `pallas_call` to Mosaic GPU; see `ops._fftconv` for why Triton). TPU: Mosaic's
   defaults."""
   if jax.default_backend() != "gpu":
     return None
