@@ -1,7 +1,10 @@
 """LM data: the offline GPT-2 tokenizer, the Pile-format builder (array_record via tfds), the grain loader."""
 
+import glob
+import io
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -33,6 +36,7 @@ def gpt2():
 
 def test_gpt2_round_trip_and_known_ids(gpt2):
   assert gpt2.name == "gpt2"  # the genuine encoder.json + vocab.bpe (their content hash)
+  assert len(gpt2.digest) == 64 and gpt2.digest.startswith("00f404d3")  # what data caches are keyed on
   assert (gpt2.vocab_size, gpt2.eot_id) == (50257, 50256)
   np.testing.assert_array_equal(gpt2.encode("Hello world"), [15496, 995])  # GPT-2's published ids
   rng = np.random.default_rng(0)
@@ -94,19 +98,142 @@ def test_builder_on_pile_format_shards(tmp_path, gpt2):
                subsets=("ArXiv",))
 
 
-def test_clear_errors_name_the_file(tmp_path):
-  with pytest.raises(ValueError, match=rf"{tmp_path}/empty holds no training shards"):
+def build_toy(manual, data_dir, log=None, **kwargs):
+  lines = []
+  sources = text.build(str(manual), corpus=kwargs.pop("corpus", "toy"), tokenizer="gpt2",
+                       seq_len=kwargs.pop("seq_len", 16), data_dir=str(data_dir), log=lines.append, **kwargs)
+  if log is not None:
+    log.extend(lines)
+  assert len(lines) in (1, 2), lines  # "using cache", or "building" and "built"
+  return sources
+
+
+def toy_corpus(manual, rng, n_train=40, n_val=10):
+  write_shard(str(manual / "train.jsonl.zst"), random_docs(rng, n_train))
+  write_shard(str(manual / "val.jsonl.zst"), random_docs(rng, n_val))
+
+
+def complete_caches(data_dir):
+  return sorted(glob.glob(str(data_dir / "tfds" / text.BUILDER_NAME / "*" / "1.0.0")))
+
+
+def test_replacing_a_shard_under_the_same_name_rebuilds(tmp_path):
+  rng = np.random.default_rng(3)
+  toy_corpus(tmp_path / "toy", rng)
+  log = []
+  before = len(build_toy(tmp_path / "toy", tmp_path / "data", log)["train"])
+  write_shard(str(tmp_path / "toy" / "train.jsonl.zst"), random_docs(rng, 160))  # 4x the documents
+  after = len(build_toy(tmp_path / "toy", tmp_path / "data", log)["train"])
+  assert after > 3 * before
+  assert [line.split()[1] for line in log] == ["building", "built", "building", "built"]
+  assert len(complete_caches(tmp_path / "data")) == 2
+
+
+def test_corpora_with_the_same_name_in_different_directories_never_share_a_cache(tmp_path):
+  rng = np.random.default_rng(4)
+  toy_corpus(tmp_path / "a" / "pile", rng, n_train=40)
+  toy_corpus(tmp_path / "b" / "pile", rng, n_train=80)
+  log = []
+  a = build_toy(tmp_path / "a" / "pile", tmp_path / "data", log, corpus="pile")
+  b = build_toy(tmp_path / "b" / "pile", tmp_path / "data", log, corpus="pile")
+  assert len(b["train"]) > len(a["train"])
+  assert sum(line.startswith("data: building") for line in log) == 2
+  assert len(complete_caches(tmp_path / "data")) == 2
+
+
+def test_an_unchanged_corpus_is_reused_without_running_the_builder(tmp_path, monkeypatch):
+  toy_corpus(tmp_path / "toy", np.random.default_rng(5))
+  monkeypatch.setattr(text, "_SETTLED_NS", 0)  # remember hashes of files just written
+  log = []
+  rows = len(build_toy(tmp_path / "toy", tmp_path / "data", log)["train"])
+
+  def no_rebuild(*args, **kwargs):
+    raise AssertionError("the builder ran on an unchanged corpus")
+
+  monkeypatch.setattr(text, "tokenized_rows", no_rebuild)
+  assert len(build_toy(tmp_path / "toy", tmp_path / "data", log)["train"]) == rows
+  assert log[-1].startswith("data: using cache ") and f"({rows:,} train / " in log[-1]
+  assert "sha256" not in log[-1]  # the remembered hash: the shards were not read again
+  # A new mtime (touch, a copy, the same bytes written again) rehashes the shard but keeps the cache.
+  os.utime(tmp_path / "toy" / "train.jsonl.zst")
+  assert len(build_toy(tmp_path / "toy", tmp_path / "data", log)["train"]) == rows
+  assert log[-1].startswith("data: using cache ") and "sha256 of" in log[-1]
+  assert len(complete_caches(tmp_path / "data")) == 1
+
+
+def _lines_bytes(lines):
+  return zstandard.ZstdCompressor().compress(b"\n".join(lines) + b"\n")
+
+
+def _good_lines(n, seed=6):
+  return [json.dumps(d).encode() for d in random_docs(np.random.default_rng(seed), n)]
+
+
+def _with_line_17(raw):
+  good = _good_lines(30)
+  return _lines_bytes(good[:16] + [raw] + good[16:])
+
+
+def _truncated():
+  compressed = _lines_bytes(_good_lines(3000))
+  return compressed[:len(compressed) // 2]
+
+
+# The first line a truncated file cannot give whole: the complete lines a stream reader hands on, plus one.
+_TRUNCATED_AT = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(_truncated())).read().count(b"\n") + 1
+
+BAD_SHARDS = {
+    "not_utf8": (_with_line_17(b'{"text": "caf\xe9"}'), r"line 17 is not valid UTF-8 \(invalid continuation byte"),
+    "not_json": (_with_line_17(b'{"text": "x",'), r"line 17 is not valid JSON \(Expecting property name"),
+    "no_text": (_with_line_17(b'{"meta": {}}'), r"line 17 has no string 'text' field"),
+    "text_not_a_string": (_with_line_17(b'{"text": 3}'), r"line 17 has no string 'text' field"),
+    "truncated": (_truncated(), rf"is truncated or corrupt from line {_TRUNCATED_AT} on \(zstd: the file ends "
+                                r"inside a frame\)"),
+    "not_zstd": (b"this is not zstandard data at all", r"is truncated or corrupt from line 1 on \(zstd: Unknown "
+                                                       r"frame descriptor\)"),
+    "garbage_after_the_frame": (_lines_bytes(_good_lines(30)) + b"junk", r"is truncated or corrupt from line 31 on"),
+    "empty": (b"", r"is truncated or corrupt from line 1 on \(zstd: the file is empty\)"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_SHARDS))
+def test_a_bad_shard_is_one_line_naming_file_and_line_and_leaves_no_cache(tmp_path, kind):
+  data, message = BAD_SHARDS[kind]
+  manual = tmp_path / kind
+  toy_corpus(manual, np.random.default_rng(7))
+  (manual / "train.jsonl.zst").write_bytes(data)
+  with pytest.raises(ValueError) as e:
+    build_toy(manual, tmp_path / "data")
+  assert "\n" not in str(e.value)
+  assert str(e.value).startswith(f"data.manual_dir: {manual / 'train.jsonl.zst'} ")
+  assert len(re.findall(message, str(e.value))) == 1, str(e.value)
+  assert not os.listdir(tmp_path / "data" / "tfds" / text.BUILDER_NAME)  # nothing half-written
+
+
+def test_a_failed_build_followed_by_a_fixed_shard_builds(tmp_path):
+  manual = tmp_path / "toy"
+  toy_corpus(manual, np.random.default_rng(8))
+  good = (manual / "train.jsonl.zst").read_bytes()
+  (manual / "train.jsonl.zst").write_bytes(good[:-7])
+  with pytest.raises(ValueError, match="truncated or corrupt"):
+    build_toy(manual, tmp_path / "data")
+  (manual / "train.jsonl.zst").write_bytes(good)
+  log = []
+  sources = build_toy(manual, tmp_path / "data", log)
+  want = np.stack(list(text.tokenized_rows([str(manual / "train.jsonl.zst")], tokenizer_lib.load_tokenizer("gpt2"),
+                                           16)))
+  assert len(sources["train"]) == len(want) and log[0].startswith("data: building ")
+  assert len(complete_caches(tmp_path / "data")) == 1
+
+
+def test_missing_splits_are_one_line_errors(tmp_path):
+  with pytest.raises(ValueError, match=rf"^data\.manual_dir: {tmp_path}/empty holds no train shards"):
     os.makedirs(tmp_path / "empty")
-    text.build(str(tmp_path / "empty"), corpus="x", tokenizer="gpt2", seq_len=8, data_dir=str(tmp_path / "d"))
-  corrupt = tmp_path / "corrupt" / "train.jsonl.zst"
-  os.makedirs(corrupt.parent)
-  corrupt.write_bytes(b"this is not zstandard data at all")
-  with pytest.raises(ValueError, match=rf"{corrupt}: corrupt zstandard data"):
-    text.build(str(corrupt.parent), corpus="x", tokenizer="gpt2", seq_len=8, data_dir=str(tmp_path / "d"))
-  no_text = tmp_path / "notext" / "train.jsonl.zst"
-  write_shard(str(no_text), random_docs(np.random.default_rng(2), 3), raw_lines=['{"meta": {}}'])
-  with pytest.raises(ValueError, match=rf"{no_text}:4: the JSON object has no string 'text' field"):
-    text.build(str(no_text.parent), corpus="x", tokenizer="gpt2", seq_len=8, data_dir=str(tmp_path / "d"))
+    build_toy(tmp_path / "empty", tmp_path / "d")
+  write_shard(str(tmp_path / "noval" / "train.jsonl.zst"), random_docs(np.random.default_rng(9), 3))
+  with pytest.raises(ValueError, match=rf"^data\.manual_dir: {tmp_path}/noval holds no validation shards "
+                     r"\(expected val/\*\.jsonl\.zst, val\*\.jsonl\.zst or validation\*\.jsonl\.zst"):
+    build_toy(tmp_path / "noval", tmp_path / "d")
 
 
 def test_shakespeare_shards_hold_out_whole_plays(tmp_path):
@@ -116,6 +243,14 @@ def test_shakespeare_shards_hold_out_whole_plays(tmp_path):
   assert len(val) == 1 and val[0].startswith("Macbeth") and "Fair is foul, and foul is fair" in val[0]
   assert len(train) == len(text.shakespeare_plays()) - 1 and not any(t.startswith("Macbeth\n") for t in train)
   assert "**" not in val[0]  # markdown markup removed
+  # Written again, the shards are the same bytes: the same source key, the same cache.
+  def digests():
+    shards = [str(tmp_path / f) for f in ("train.jsonl.zst", "val.jsonl.zst")]
+    return text.shard_sha256(shards, str(tmp_path / "memo.json"))[0]
+
+  before = digests()
+  text.write_shakespeare(str(tmp_path), validation_plays=("macbeth",))
+  assert digests() == before
   with pytest.raises(ValueError, match=r"data\.validation_plays must name plays"):
     text.write_shakespeare(str(tmp_path), validation_plays=("hamlet-2",))
 

@@ -30,11 +30,13 @@ _EOT = "<|endoftext|>"
 
 @dataclasses.dataclass(frozen=True)
 class Tokenizer:
-  """encode / decode, the vocabulary size, the end-of-text id and a short id naming the vocabulary."""
+  """encode / decode, the vocabulary size, the end-of-text id, a short id naming the vocabulary, and the
+  sha256 of the files that define it (`digest`: what a data cache built with this tokenizer is keyed on)."""
   name: str
   vocab_size: int
   eot_id: int
   _impl: Any = dataclasses.field(repr=False, compare=False)
+  digest: str = ""
 
   def encode(self, text: str) -> np.ndarray:
     return self.encode_batch([text])[0]
@@ -73,12 +75,12 @@ def _bytes_to_unicode() -> dict[str, int]:
   return {chr(c): b for b, c in zip(bs, cs)}
 
 
-def _file_id(*paths: str) -> str:
+def _files_sha256(*paths: str) -> str:
   h = hashlib.sha256()
   for p in paths:
     with open(p, "rb") as f:
       h.update(f.read())
-  return h.hexdigest()[:8]
+  return h.hexdigest()
 
 
 def _load_gpt2_bpe(encoder_json: str, vocab_bpe: str) -> Tokenizer:
@@ -101,8 +103,9 @@ def _load_gpt2_bpe(encoder_json: str, vocab_bpe: str) -> Tokenizer:
   eot = encoder.get(_EOT, len(ranks))
   enc = tiktoken.Encoding(name="gpt2_offline", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks,
                           special_tokens={_EOT: eot})
-  name = "gpt2" if _file_id(encoder_json, vocab_bpe) == _GPT2_ID else f"bpe{_file_id(encoder_json, vocab_bpe)}"
-  return Tokenizer(name=name, vocab_size=enc.n_vocab, eot_id=eot, _impl=enc)
+  digest = _files_sha256(encoder_json, vocab_bpe)
+  name = "gpt2" if digest[:8] == _GPT2_ID else f"bpe{digest[:8]}"
+  return Tokenizer(name=name, vocab_size=enc.n_vocab, eot_id=eot, _impl=enc, digest=digest)
 
 
 def _load_tokenizer_json(path: str) -> Tokenizer:
@@ -117,11 +120,12 @@ def _load_tokenizer_json(path: str) -> Tokenizer:
   eot = next((tok.token_to_id(t) for t in (_EOT, "</s>", "<eos>") if tok.token_to_id(t) is not None), None)
   if eot is None:
     raise ValueError(f"data.tokenizer: {path} has no end-of-text token ({_EOT}, </s> or <eos>)")
-  return Tokenizer(name=f"tok{_file_id(path)}", vocab_size=tok.get_vocab_size(with_added_tokens=True),
-                   eot_id=eot, _impl=tok)
+  digest = _files_sha256(path)
+  return Tokenizer(name=f"tok{digest[:8]}", vocab_size=tok.get_vocab_size(with_added_tokens=True),
+                   eot_id=eot, _impl=tok, digest=digest)
 
 
-_GPT2_ID = "00f404d3"  # _file_id of GPT-2's genuine encoder.json + vocab.bpe (checked by the tests)
+_GPT2_ID = "00f404d3"  # _files_sha256[:8] of GPT-2's genuine encoder.json + vocab.bpe (checked by the tests)
 
 
 @functools.lru_cache(maxsize=8)
