@@ -6,7 +6,7 @@ itself and against a PyTorch port of Zoology's step.
     python experiments/bench_train.py --quick              # smoke run, under a minute
     python experiments/bench_train.py --mixers=attention --d_models=64 --seq_lens=64,512 --batch_scale=4
 
-What it measures (a benchmark, not a test). For every mixer of `experiments/configs/mqar.py` RUNS
+What it measures (a benchmark, not a test). For every mixer of `zoo_jax/configs/mqar.py` RUNS
 (attention, base_conv, hybrid: their model settings; runs that differ only in data are skipped) and
 every (d_model, L) of the grid: one optimizer step of the 2-layer Figure-2 model (vocabulary 8192,
 Zoology's block, no MLP, AdamW), on real MQAR batches from `zoo_jax.data.mqar`, with Zoology's batch
@@ -71,26 +71,21 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-_EXPERIMENTS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(_EXPERIMENTS))  # run from a checkout without `pip install -e .`
-
-from zoo_jax import cli  # pylint: disable=g-import-not-at-top
 from zoo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from zoo_jax import sharding  # pylint: disable=g-import-not-at-top
 from zoo_jax import train  # pylint: disable=g-import-not-at-top
 from zoo_jax.data import mqar  # pylint: disable=g-import-not-at-top
+from zoo_jax.configs import mqar as mqar_configs  # pylint: disable=g-import-not-at-top
 from zoo_jax.model import LanguageModel, ModelConfig  # pylint: disable=g-import-not-at-top
 
-
-_CONFIGS = cli.load_module(os.path.join(_EXPERIMENTS, "configs", "mqar.py"))
+_EXPERIMENTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def _load_mixers() -> dict[str, dict]:
-  """{run name: model settings} of experiments/configs/mqar.py RUNS (the Figure-2 mixer settings), loaded
-  by path. A run is a partial config (its `model` section is taken) or, in older layouts, the model
+  """{run name: model settings} of `zoo_jax.configs.mqar` RUNS (the Figure-2 mixer settings). A run is a partial config (its `model` section is taken) or, in older layouts, the model
   settings themselves; runs whose model settings repeat an earlier run's (e.g. another data size) are
   left out, since this benchmark sets the shapes itself."""
-  module = _CONFIGS
+  module = mqar_configs
   out = {}
   for name, run in module.RUNS.items():
     model = dict(run.get("model", run))
@@ -105,7 +100,7 @@ N_LAYERS = 2
 FIGURE2_KV = {64: 4, 128: 8, 256: 16, 512: 64}  # Zoology's Figure-2 (seq_len, num_kv_pairs) pairs
 QUICK = dict(d_models=["32"], seq_lens=["64"], batch_scale=16, steps=3, warmup=1)
 
-_MIXERS = flags.DEFINE_list("mixers", list(MIXERS), "Mixers, names of RUNS in experiments/configs/mqar.py "
+_MIXERS = flags.DEFINE_list("mixers", list(MIXERS), "Mixers, names of RUNS in zoo_jax/configs/mqar.py "
                             f"({', '.join(MIXERS)}).")
 _D_MODELS = flags.DEFINE_list("d_models", ["64", "128", "256"], "Model widths.")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["64", "256", "512"], "Sequence lengths.")
@@ -157,8 +152,8 @@ class FullHeadLanguageModel(LanguageModel):
 
 def model_config(mixer: str, d_model: int, seq_len: int) -> ModelConfig:
   settings = MIXERS[mixer]
-  if hasattr(_CONFIGS, "figure2_models"):  # settings that depend on L (H3's d_state = L)
-    settings = _CONFIGS.figure2_models(seq_len).get(mixer, settings)
+  if hasattr(mqar_configs, "figure2_models"):  # settings that depend on L (H3's d_state = L)
+    settings = mqar_configs.figure2_models(seq_len).get(mixer, settings)
   model = {**config_lib.defaults().model.to_dict(), "d_model": d_model, "n_layers": N_LAYERS, **settings}
   return ModelConfig.from_config(model, vocab_size=VOCAB_SIZE, seq_len=seq_len)
 

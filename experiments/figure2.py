@@ -16,11 +16,9 @@ from absl import app
 from absl import flags
 from absl import logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from zoo_jax import cli  # pylint: disable=g-import-not-at-top
-from zoo_jax import sweep  # pylint: disable=g-import-not-at-top
-from zoo_jax import sweep_plots  # pylint: disable=g-import-not-at-top
+from zoo_jax import sweep
+from zoo_jax import sweep_plots
+from zoo_jax.configs import figure2 as figure2_configs
 
 _SCALE = flags.DEFINE_enum("scale", "cpu", ["cpu", "paper"], "Grid: cpu (reduced) or paper (Zoology's).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the results table, checkpoints and figures.",
@@ -28,8 +26,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the results table
 
 
 def _config(scale: str):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "figure2.py")
-  return cli.load_module(path).get_config(scale)
+  return figure2_configs.get_config(scale)
 
 
 def main(argv):

@@ -47,12 +47,10 @@ from absl import app
 from absl import flags
 from absl import logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from zoo_jax import cli
+from zoo_jax import config as config_lib
+from zoo_jax.configs import sparse_hybrids as CONFIGS
 
-from zoo_jax import cli  # pylint: disable=g-import-not-at-top
-from zoo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-
-CONFIGS = cli.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sparse_hybrids.py"))
 TASKS, VARIANTS = CONFIGS.TASKS, CONFIGS.VARIANTS
 MIN_ACCURACY_GAP = 0.01  # a BaseConv → full gap below this (accuracy) has no share
 MIN_NLL_GAP = 0.01  # nats

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from zoo_jax import cli
 from zoo_jax import lm
 from zoo_jax import mixers
 from zoo_jax import train as train_lib
 from zoo_jax.analysis import ar_hits
+from zoo_jax.configs import lm as lm_configs
 from zoo_jax.mixers import attention
 from tests.test_lm_data import random_docs, write_shard
 
@@ -71,7 +71,7 @@ def test_bad_config_fails_before_the_workdir_is_touched(tmp_path, corpus, overri
 
 
 def test_presets_validate():
-  module = cli.load_module(os.path.join(REPO, "experiments", "configs", "lm.py"))
+  module = lm_configs
   sizes = {}
   for name in module.PRESETS:
     _, model_cfg, _ = lm.resolve(module.get_config(name))
@@ -171,9 +171,8 @@ def test_resume_mid_epoch_gives_the_same_next_batches(tmp_path, corpus):
 _SHARDED_SCRIPT = textwrap.dedent("""
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    import json, sys
+    import json
     import jax, jax.numpy as jnp, numpy as np
-    sys.path.insert(0, {repo!r})
     from zoo_jax import lm, sharding, train
     assert jax.device_count() == 8, jax.devices()
     cfg, model_cfg, _ = lm.resolve({cfg!r})
@@ -202,7 +201,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 def test_sharded_step_matches_single_device_on_8_simulated_devices(corpus):
   cfg = tiny_lm_config(corpus)
   cfg["model"]["mixer"]["num_heads"] = 2
-  script = _SHARDED_SCRIPT.format(repo=REPO, cfg=cfg)
+  script = _SHARDED_SCRIPT.format(cfg=cfg)
   out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
                        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
   assert out.returncode == 0, out.stderr[-3000:]
@@ -214,8 +213,7 @@ def test_sharded_step_matches_single_device_on_8_simulated_devices(corpus):
 
 
 _PROCESS_SCRIPT = textwrap.dedent("""
-    import json, sys
-    sys.path.insert(0, {repo!r})
+    import sys
     import jax
     from zoo_jax import lm
     lm.init_distributed({address!r}, {n}, int(sys.argv[1]))
@@ -231,7 +229,7 @@ def _free_port() -> int:
 
 
 def _run_processes(cfg, workdir, n):
-  script = _PROCESS_SCRIPT.format(repo=REPO, address=f"127.0.0.1:{_free_port()}", n=n, cfg=cfg, workdir=workdir)
+  script = _PROCESS_SCRIPT.format(address=f"127.0.0.1:{_free_port()}", n=n, cfg=cfg, workdir=workdir)
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
   procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], stdout=subprocess.PIPE,

@@ -14,6 +14,7 @@ from zoo_jax import cli
 from zoo_jax import config as config_lib
 from zoo_jax import lm
 from zoo_jax.analysis import ar_hits
+from zoo_jax.configs import sparse_hybrids
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARY = os.path.join(REPO, "experiments", "sparse_hybrids.py")
@@ -21,7 +22,7 @@ BINARY = os.path.join(REPO, "experiments", "sparse_hybrids.py")
 
 @pytest.fixture(scope="module")
 def configs():
-  return cli.load_module(os.path.join(REPO, "experiments", "configs", "sparse_hybrids.py"))
+  return sparse_hybrids
 
 
 @pytest.fixture(scope="module")

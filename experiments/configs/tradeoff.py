@@ -1,40 +1,5 @@
-r"""Zoology's README trade-off experiment for the gated and delta-rule recurrences, as a sweep.
+"""python experiments/sweep.py --config=experiments/configs/tradeoff.py:cpu --workdir=/tmp/zoo_jax_tradeoff
 
-  python experiments/sweep.py --config=experiments/configs/tradeoff.py:cpu --workdir=/tmp/zoo_jax_tradeoff
-  python experiments/sweep.py --config=experiments/configs/tradeoff.py:paper --workdir=/data/tradeoff
-
-Mixers mamba2, gla, delta_net, gated_delta_net, rwkv7, each in the hybrid [BaseConv k=3, mixer] with 2
-heads and short convolutions of width 4 (`tradeoff_models` in experiments/configs/mqar.py), plus attention
-and BaseConv for reference; widths 64, 128, 256. The figure to look at is `state_tradeoff.png`: MQAR
-accuracy against recurrent state size. scale=paper uses the Figure-2 data grid (vocabulary 8192, (L, kv)
-in {(64, 4), (128, 8), (256, 16), (512, 64)}, 100,000 training examples, 64 epochs, 4 learning rates);
-scale=cpu one short length, 2 learning rates and few examples (a smoke-sized sweep, not a result).
-"""
-
-import os
-
-import ml_collections
-
-from zoo_jax import cli
-
-SCALES = ("cpu", "paper")
-
-
-def _load(name: str):
-  return cli.load_module(os.path.join(os.path.dirname(__file__), f"{name}.py"))
-
-
-def get_config(scale: str | None = None) -> ml_collections.ConfigDict:
-  scale = scale or "cpu"
-  if scale not in SCALES:
-    raise ValueError(f"tradeoff scale must be one of {SCALES}, got {scale!r}")
-  c = _load("figure2").get_config(scale)
-  mqar_configs = _load("mqar")
-  reference = {name: {"model": m} for name, m in mqar_configs.figure2_models(32).items()
-               if name in ("attention", "base_conv")}
-  c.sweep.mixers = {**reference, **{name: {"model": m} for name, m in mqar_configs.tradeoff_models().items()}}
-  c.sweep.d_model = [64, 128, 256]
-  if scale == "cpu":
-    c.sweep.lengths = [dict(seq_len=32, num_kv_pairs=4, train_examples=8_000, eval_examples=500)]
-    c.train.epochs = 4
-  return c
+The config is `zoo_jax.configs.tradeoff`; this file is the path `--config` loads."""
+from zoo_jax.configs.tradeoff import *  # noqa: F401,F403
+from zoo_jax.configs.tradeoff import get_config  # noqa: F401
