@@ -22,9 +22,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from zoo_jax.analysis import ar_hits  # pylint: disable=g-import-not-at-top
+from zoo_jax.analysis import ar_hits
 
 EVAL_FILE = "ar_eval.npz"
 COUNTS_FILE = "bigram_counts.npz"

@@ -8,11 +8,7 @@ first-touch page faults of the ~400 MB output at L=512.
 
 import argparse
 import os
-import sys
 import time
-
-# Runs from a checkout without `pip install -e .`: the repository root holds zoo_jax/.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from zoo_jax.data.mqar import generate_mqar
 

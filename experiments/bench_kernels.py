@@ -29,7 +29,6 @@ Timings on a shared machine are inflated by other jobs: the header prints the lo
 import os
 import platform
 import statistics
-import sys
 import time
 
 from absl import app
@@ -38,9 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from zoo_jax.ops import gated_conv, long_conv, short_conv  # pylint: disable=g-import-not-at-top
+from zoo_jax.ops import gated_conv, long_conv, short_conv
 
 FLASHFFTCONV_H100_MS = {1024: 0.29, 4096: 1.43, 8192: 3.58, 16384: 12.2}  # gated conv, bf16, B=64, C=768
 ACCELERATOR_SHAPES = dict(batch=64, channels=768, lengths=[256, 1024, 4096, 8192, 16384])

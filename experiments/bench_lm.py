@@ -15,7 +15,6 @@ labelled); the first (compiling) step is excluded.
 """
 
 import os
-import sys
 import time
 
 from absl import app
@@ -25,11 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from zoo_jax import lm  # pylint: disable=g-import-not-at-top
-from zoo_jax import sharding  # pylint: disable=g-import-not-at-top
-from zoo_jax import train  # pylint: disable=g-import-not-at-top
+from zoo_jax import lm
+from zoo_jax import sharding
+from zoo_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "lm.py:attention_125m"),

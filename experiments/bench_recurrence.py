@@ -27,7 +27,6 @@ import dataclasses
 import os
 import platform
 import statistics
-import sys
 import time
 
 from absl import app
@@ -38,9 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from zoo_jax import mixers  # pylint: disable=g-import-not-at-top
+from zoo_jax import mixers
 
 MIXER_OVERRIDES = {"based": {"parallel_implementation": "linear"}, "mamba2": {"d_state": 16}}
 QUICK = dict(seq_lens=["256"], reps=2)

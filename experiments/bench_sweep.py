@@ -10,7 +10,6 @@ steps each); the printed ratio is sequential wall time / vmapped wall time, meas
 """
 
 import os
-import sys
 import time
 
 from absl import app
@@ -18,13 +17,11 @@ from absl import flags
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from zoo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-from zoo_jax import sharding  # pylint: disable=g-import-not-at-top
-from zoo_jax import sweep  # pylint: disable=g-import-not-at-top
-from zoo_jax import train  # pylint: disable=g-import-not-at-top
-from zoo_jax.data import mqar  # pylint: disable=g-import-not-at-top
+from zoo_jax import config as config_lib
+from zoo_jax import sharding
+from zoo_jax import sweep
+from zoo_jax import train
+from zoo_jax.data import mqar
 
 MIXERS = {"base_conv": {"name": "base_conv", "kernel_size": [3, -1]}, "attention": {"name": "attention"}}
 _MIXER = flags.DEFINE_enum("mixer", "base_conv", list(MIXERS), "Mixer of every run.")

@@ -19,10 +19,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from zoo_jax import cli  # pylint: disable=g-import-not-at-top
-from zoo_jax import lm  # pylint: disable=g-import-not-at-top
+from zoo_jax import cli
+from zoo_jax import lm
 
 
 _CONFIG = cli.define_config_flag(os.path.join(os.path.dirname(__file__), "configs", "lm.py"), "LM run config.")

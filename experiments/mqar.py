@@ -16,11 +16,9 @@ from absl import app
 from absl import logging
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from zoo_jax import cli  # pylint: disable=g-import-not-at-top
-from zoo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-from zoo_jax import train  # pylint: disable=g-import-not-at-top
+from zoo_jax import cli
+from zoo_jax import config as config_lib
+from zoo_jax import train
 
 _CONFIG = cli.define_config_flag(os.path.join(os.path.dirname(__file__), "configs", "mqar.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.",
