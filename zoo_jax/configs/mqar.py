@@ -24,6 +24,8 @@ epochs (113 s) and 0.426 at L = 64 (354 s); the whole default run takes about 9.
 examples or width 64, attention stalls near 0.27-0.77 in this budget.
 """
 
+import copy
+
 import ml_collections
 
 from zoo_jax import config as config_lib
@@ -118,5 +120,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.eval_batch_size = 500
   config.train.learning_rate = 3e-3
   config.train.log_every_steps = 125
-  config.runs = {name: RUNS[name] for name in names}
+  # Copies: a --config override edits the lists inside a run in place, and RUNS outlives this config.
+  config.runs = {name: copy.deepcopy(RUNS[name]) for name in names}
   return config
