@@ -79,8 +79,11 @@ class ModelConfig:
                        f"no state mixer), got {self.state_mixer!r}")
     if self.dtype not in DTYPES:
       raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-    # Parses the mixer config (one-line errors naming the field) and checks every layer's hparams, e.g. a
-    # kernel_size list shorter than n_layers, at start-up.
+    # Parses the mixer config (one-line errors naming the field) and checks every layer's hparams against
+    # the width and length it gets (heads dividing d_model, a kernel_size list shorter than n_layers, ...)
+    # at start-up, before anything is built.
+    for i in range(self.n_layers):
+      mixers.check_shapes(self.mixer, d_model=self.d_model, seq_len=self.seq_len, layer_idx=i)
     self.state_size()
 
   def state_size(self) -> int:

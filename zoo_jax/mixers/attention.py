@@ -41,6 +41,9 @@ class AttentionConfig:
     if self.rotary_base <= 1.0:
       raise ValueError(f"{field}.rotary_base must be > 1, got {self.rotary_base}")
 
+  def check_shapes(self, field: str, *, d_model: int, seq_len: int, layer_idx: int) -> None:
+    registry.check_heads(field, self.num_heads, d_model, even=self.rotary)
+
 
 def apply_rotary(x_blhk: jax.Array, positions_bl: jax.Array, base: float) -> jax.Array:
   """RoPE in the half-split layout: rotates the pairs (x_i, x_{i+k/2}) by angle position·base^(-2i/k)."""

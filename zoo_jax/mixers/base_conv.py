@@ -57,6 +57,14 @@ class BaseConvConfig:
     if self.implicit_d_hidden < 1:
       raise ValueError(f"{field}.implicit_d_hidden must be >= 1, got {self.implicit_d_hidden}")
 
+  def check_shapes(self, field: str, *, d_model: int, seq_len: int, layer_idx: int) -> None:
+    self.layer_kernel_size(layer_idx, seq_len)  # a per-layer list must cover every layer
+    per_layer = isinstance(self.kernel_size, tuple)
+    k = self.kernel_size[layer_idx] if per_layer else self.kernel_size
+    if k > seq_len:  # it would silently become a long (implicit, with implicit_long_conv) convolution
+      raise ValueError(f"{field}.kernel_size{f'[{layer_idx}]' if per_layer else ''} must be <= the sequence "
+                       f"length L ({seq_len}), or -1 for a long convolution, got {k}")
+
   def layer_kernel_size(self, layer_idx: int, seq_len: int) -> int:
     if isinstance(self.kernel_size, tuple):
       if layer_idx >= len(self.kernel_size):

@@ -75,6 +75,9 @@ class BasedConfig:
       raise ValueError(f"{field}.parallel_implementation must be one of {list(IMPLEMENTATIONS)}, "
                        f"got {self.parallel_implementation!r}")
 
+  def check_shapes(self, field: str, *, d_model: int, seq_len: int, layer_idx: int) -> None:
+    registry.check_heads(field, self.num_heads, d_model)
+
 
 def _masked_kernel(q_bhlf, k_bhmf):
   """φ(q_t)·φ(k_s) for s ≤ t, 0 above the diagonal."""

@@ -35,6 +35,11 @@ class BlockedConfig:
   def validate(self, field: str) -> None:
     validate_at_least_one(field, num_heads=self.num_heads, block_size=self.block_size)
 
+  def check_shapes(self, field: str, *, d_model: int, seq_len: int, layer_idx: int) -> None:
+    registry.check_heads(field, self.num_heads, d_model)
+    if seq_len % self.block_size:  # a ragged last block is a smaller attention than the config says
+      raise ValueError(f"{field}.block_size must divide the sequence length L ({seq_len}), got {self.block_size}")
+
 
 @registry.register("blocked", hparams=BlockedConfig,
                    state_size_formula="2·d·min(b, L) (KV cache of the current block of size b)")

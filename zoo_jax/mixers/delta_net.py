@@ -73,6 +73,9 @@ class DeltaNetConfig:
     if self.form not in delta_rule.FORMS:
       raise ValueError(f"{field}.form must be one of {list(delta_rule.FORMS)}, got {self.form!r}")
 
+  def check_shapes(self, field: str, *, d_model: int, seq_len: int, layer_idx: int) -> None:
+    registry.check_heads(field, self.num_heads, d_model)  # keys are d_model wide, split over the heads
+
 
 def check_heads_divide(num_heads: int, d_model: int) -> None:
   if d_model % num_heads:

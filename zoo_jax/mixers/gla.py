@@ -77,6 +77,9 @@ class GLAConfig:
     if self.clamp_min is not None and not self.clamp_min < 0:
       raise ValueError(f"{field}.clamp_min must be None or < 0 (a floor on log α), got {self.clamp_min}")
 
+  def check_shapes(self, field: str, *, d_model: int, seq_len: int, layer_idx: int) -> None:
+    self.widths(d_model, field)
+
   def widths(self, d_model: int, field: str = "model.mixer") -> tuple[int, int]:
     """(K, V), each split evenly over the heads; a one-line ValueError if they are not."""
     widths = int(d_model * self.expand_k), int(d_model * self.expand_v)

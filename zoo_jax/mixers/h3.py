@@ -66,6 +66,10 @@ class H3Config:
     if self.head_dim < 1:
       raise ValueError(f"{field}.head_dim must be >= 1, got {self.head_dim}")
 
+  def check_shapes(self, field: str, *, d_model: int, seq_len: int, layer_idx: int) -> None:
+    if d_model % self.head_dim:
+      raise ValueError(f"{field}.head_dim must divide model.d_model ({d_model}), got {self.head_dim}")
+
 
 @registry.register("h3", hparams=H3Config,
                    state_size_formula="d·(min(N, L)-1) + d·head_dim·N (shift window + diagonal SSM, "

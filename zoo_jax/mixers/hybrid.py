@@ -27,6 +27,10 @@ class HybridConfig:
     for i, sub in enumerate(self.mixers):
       registry.parse(sub, f"{field}.mixers[{i}]")
 
+  def check_shapes(self, field: str, *, d_model: int, seq_len: int, layer_idx: int) -> None:
+    registry.check_shapes(self.layer_mixer(layer_idx), d_model=d_model, seq_len=seq_len, layer_idx=layer_idx,
+                          field=f"{field}.mixers[{layer_idx % len(self.mixers)}]")
+
   def layer_mixer(self, layer_idx: int) -> dict:
     return self.mixers[layer_idx % len(self.mixers)]
 

@@ -94,6 +94,9 @@ class Mamba2Config:
   def inner_width(self, d_model: int) -> int:
     return self.expand * d_model
 
+  def check_shapes(self, field: str, *, d_model: int, seq_len: int, layer_idx: int) -> None:
+    self.heads(d_model, field)
+
   def heads(self, d_model: int, field: str = "model.mixer") -> tuple[int, int]:
     """(H, p): the number of heads and their width; a one-line ValueError if they do not fit."""
     e = self.inner_width(d_model)

@@ -24,6 +24,7 @@ gives the parallel output and that `state_size` equals the floating-point elemen
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -107,6 +108,8 @@ def _check_type(value: Any, annotation: Any, field: str) -> Any:
     return value
   if annotation is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
+  if annotation is float and isinstance(value, float) and not math.isfinite(value):
+    raise ValueError(f"{field} must be a finite number, got {value!r}")
   if annotation in (int, float, str, bool):
     if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
       raise ValueError(f"{field} must be {annotation.__name__}, got {value!r}")
@@ -140,6 +143,23 @@ def build(cfg: Any, *, d_model: int, seq_len: int, layer_idx: int, n_layers: int
   spec, hparams = parse(cfg, field)
   return spec.module(hparams, d_model=d_model, seq_len=seq_len, layer_idx=layer_idx,
                      n_layers=n_layers, dtype=dtype, rngs=rngs)
+
+
+def check_shapes(cfg: Any, *, d_model: int, seq_len: int, layer_idx: int, field: str = "model.mixer") -> None:
+  """A one-line ValueError if the mixer at layer `layer_idx` does not fit width `d_model` or length `seq_len`
+  (e.g. heads that do not divide d_model), from its hparams' `check_shapes(field, d_model=..., seq_len=...,
+  layer_idx=...)` where it has one: called for every layer at start-up, before anything is built."""
+  _, hparams = parse(cfg, field)
+  if hasattr(hparams, "check_shapes"):
+    hparams.check_shapes(field, d_model=d_model, seq_len=seq_len, layer_idx=layer_idx)
+
+
+def check_heads(field: str, num_heads: int, d_model: int, *, even: bool = False, width: str = "model.d_model",
+                name: str = "num_heads") -> None:
+  """`num_heads` must split `d_model` into equal heads (of even width with `even`: rotary positions)."""
+  if d_model % num_heads or (even and (d_model // num_heads) % 2):
+    raise ValueError(f"{field}.{name} must divide {width} ({d_model}) into heads"
+                     f"{' of even width (rotary positions)' if even else ''}, got {num_heads}")
 
 
 def apply(mixer: nnx.Module, x_bld: Any, tokens_bl: Any = None) -> Any:

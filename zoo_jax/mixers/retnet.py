@@ -66,6 +66,9 @@ class RetNetConfig:
     if self.form not in FORMS:
       raise ValueError(f"{field}.form must be one of {list(FORMS)}, got {self.form!r}")
 
+  def check_shapes(self, field: str, *, d_model: int, seq_len: int, layer_idx: int) -> None:
+    registry.check_heads(field, self.num_heads, d_model, even=True)
+
 
 def head_log_decays(num_heads: int) -> np.ndarray:
   """log γ_h, γ_h = 1 − 2^(−5−h) (the paper's Section 3.1, torchscale's `RetNetRelPos`)."""

@@ -99,6 +99,9 @@ class RWKV7Config:
     if self.form not in delta_rule.FORMS:
       raise ValueError(f"{field}.form must be one of {list(delta_rule.FORMS)}, got {self.form!r}")
 
+  def check_shapes(self, field: str, *, d_model: int, seq_len: int, layer_idx: int) -> None:
+    registry.check_heads(field, self.num_heads, d_model)
+
   def rank(self, name: str, d_model: int) -> int:
     value = getattr(self, name)
     if value != "auto":

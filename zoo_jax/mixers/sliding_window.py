@@ -35,6 +35,11 @@ class SlidingWindowConfig:
   def validate(self, field: str) -> None:
     validate_at_least_one(field, num_heads=self.num_heads, window_size=self.window_size)
 
+  def check_shapes(self, field: str, *, d_model: int, seq_len: int, layer_idx: int) -> None:
+    registry.check_heads(field, self.num_heads, d_model)
+    if self.window_size > seq_len:  # a window past the sequence is full attention, not what was asked
+      raise ValueError(f"{field}.window_size must be <= the sequence length L ({seq_len}), got {self.window_size}")
+
 
 @registry.register("sliding_window", hparams=SlidingWindowConfig,
                    state_size_formula="2·d·min(w+1, L) (KV cache of the last w+1 tokens)")

@@ -98,6 +98,9 @@ class SparseAttentionConfig:
     if self.rotary_base <= 1.0:
       raise ValueError(f"{field}.rotary_base must be > 1, got {self.rotary_base}")
 
+  def check_shapes(self, field: str, *, d_model: int, seq_len: int, layer_idx: int) -> None:
+    registry.check_heads(field, self.num_heads, d_model, even=self.rotary)
+
 
 # ------------------------------------------------------------------------------- selection functions
 
