@@ -15,7 +15,6 @@ Rerunning with the same workdir resumes from the latest checkpoint, reading the 
 import os
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -43,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -12,7 +12,6 @@ workdir resumes unfinished runs from their checkpoints and reports finished ones
 import os
 import sys
 
-from absl import app
 from absl import logging
 from absl import flags
 
@@ -58,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -13,7 +13,6 @@ plotted numbers). See `zoo_jax/sweep.py` for the config's `sweep` section.
 import os
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -48,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
