@@ -10,8 +10,9 @@ the attention scores and their weighted sum, forward and backward), 6·N for the
 convolution FLOPs are not counted). MFU = achieved model FLOP/s / peak FLOP/s. The peak is either given
 (`--peak_tflops`, e.g. 989 for an H100 SXM's dense bf16) or measured here as the best of a few large float32
 matmuls on the same backend (`--peak_tflops=0`, the default): on a CPU that is what XLA can reach, not the
-vendor's figure. Synthetic tokens; the step is zoo_jax.lm's (zoo_jax.train.make_train_step, every position
-labelled); the first (compiling) step is excluded.
+vendor's figure. Synthetic tokens; the step is zoo_jax.lm's (the training core's step,
+`zoo_jax.trainer.make_train_step`, for a population of one with the LM task: every position predicted); the first
+(compiling) step is excluded.
 """
 
 import os
@@ -26,7 +27,8 @@ import numpy as np
 
 from zoo_jax import lm
 from zoo_jax import sharding
-from zoo_jax import train
+from zoo_jax import tasks
+from zoo_jax import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "lm.py:attention_125m"),
@@ -62,23 +64,19 @@ def main(argv):
   cfg.train.batch_size = _BATCH.value
   cfg, model_cfg, _ = lm.resolve(cfg)
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model, fsdp=cfg.mesh.fsdp)
-  graphdef, params, param_sh = train.init_model(model_cfg, mesh, cfg.seed)
-  tx, schedule = train.make_optimizer(cfg.train, cfg.train.steps)
-  opt_sh = train.optimizer_shardings(tx, params, param_sh, mesh)
-  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-  step_fn = train.make_train_step(graphdef, tx, schedule, _SEQ_LEN.value, param_sh, opt_sh, mesh)
-  step = jnp.zeros((), jnp.int32)
+  task = object.__new__(tasks.LMTask)  # its loss needs no data: the batches are synthetic
+  _, state, sh, step_fn = trainer.single_step(task, model_cfg, cfg.train, mesh, cfg.seed, cfg.train.steps)
   rng = np.random.default_rng(0)
-  batches = [sharding.put_batch(lm.lm_batch(rng.integers(0, 50257, (_BATCH.value, _SEQ_LEN.value)).astype(np.int32)),
-                                mesh) for _ in range(_STEPS.value + 1)]
-  params, opt_state, step, m = step_fn(params, opt_state, step, batches[0])
+  batches = [sharding.put({"tokens": rng.integers(0, 50257, (1, _BATCH.value, _SEQ_LEN.value)).astype(np.int32)},
+                          sh.batch) for _ in range(_STEPS.value + 1)]
+  state, m = step_fn(state, batches[0])
   jax.block_until_ready(m)
   t0 = time.perf_counter()
   for batch in batches[1:]:
-    params, opt_state, step, m = step_fn(params, opt_state, step, batch)
+    state, m = step_fn(state, batch)
   jax.block_until_ready(m)
   elapsed = time.perf_counter() - t0
-  n_params = train.count_params(params)
+  n_params = trainer.count_params(jax.tree.map(lambda x: x[0], state["params"]))
   tokens_per_sec = _STEPS.value * _BATCH.value * _SEQ_LEN.value / elapsed
   flops_token = model_flops_per_token(n_params, model_cfg.n_layers, model_cfg.d_model, _SEQ_LEN.value,
                                       model_cfg.mixer["name"] == "attention")
@@ -90,7 +88,7 @@ def main(argv):
         f"{jax.device_count()}× {jax.devices()[0].device_kind} ({jax.default_backend()})")
   print(f"  {1000 * elapsed / _STEPS.value:,.0f} ms/step, {tokens_per_sec:,.0f} tokens/s, "
         f"{flops_token / 1e9:.3f} GFLOP/token -> {achieved * 1e3:,.1f} GFLOP/s; peak {peak * 1e3:,.1f} GFLOP/s "
-        f"({peak_note}); MFU {100 * achieved / peak:.1f}%  (loss {float(m['loss']):.3f})")
+        f"({peak_note}); MFU {100 * achieved / peak:.1f}%  (loss {float(m['loss'][0]):.3f})")
 
 
 if __name__ == "__main__":

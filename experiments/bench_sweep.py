@@ -3,10 +3,11 @@ r"""Many models per device: a vmapped group against the same runs trained one af
   python experiments/bench_sweep.py                       # 4 learning rates × 2 seeds, 100 steps each
   python experiments/bench_sweep.py --mixer=attention --d_model=128 --seq_len=32 --steps=200
 
-Both sides run the same steps on the same batches: the group as one jitted `zoo_jax.sweep` step over all
-models (vmapped, each with its own parameters, optimizer state, learning rate and data order), the
-sequential side as `zoo_jax.train`'s single-run step, once per run. Compilation is excluded (two warm-up
-steps each); the printed ratio is sequential wall time / vmapped wall time, measured in one process.
+Both sides run the training core's step (`zoo_jax.trainer.make_train_step`) on the same batches: the group
+as one population of all runs, as `zoo_jax.sweep` trains it (one jitted step vmapped over the models, each with
+its own parameters, optimizer state, learning rate and data order), the sequential side as populations of one,
+as `zoo_jax.train` trains a single run, one run after another. Compilation is excluded (two warm-up steps
+each); the printed ratio is sequential wall time / vmapped wall time, measured in one process.
 """
 
 import os
@@ -20,8 +21,8 @@ import numpy as np
 from zoo_jax import config as config_lib
 from zoo_jax import sharding
 from zoo_jax import sweep
-from zoo_jax import train
-from zoo_jax.data import mqar
+from zoo_jax import tasks
+from zoo_jax import trainer
 
 MIXERS = {"base_conv": {"name": "base_conv", "kernel_size": [3, -1]}, "attention": {"name": "attention"}}
 _MIXER = flags.DEFINE_enum("mixer", "base_conv", list(MIXERS), "Mixer of every run.")
@@ -51,50 +52,40 @@ def main(argv):
   del argv
   runs = sweep.expand_grid(_config())
   config, model_cfg = config_lib.resolve(runs[0].config)
-  seeds = [r.seed for r in runs]
-  data = {s: mqar.build_dataset(config.data.train_segments, vocab_size=128, seed=s, split="train")
-          for s in set(seeds)}
-  k = data[seeds[0]].max_labels_per_example
   total = _STEPS.value + 2
-  batches = {s: list(mqar.epoch_batches(data[s], _BATCH.value, seed=s, epoch=0)) for s in set(seeds)}
 
+  # Sequential: each run a population of one (zoo_jax.train's step), one run after another.
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-
-  # Sequential: zoo_jax.train's single-run step, one run after another.
   seq_seconds = 0.0
   for run in runs:
     run_cfg = config_lib.resolve(run.config)[0]
-    graphdef, params, param_sh = train.init_model(model_cfg, mesh, run.seed)
-    tx, schedule = train.make_optimizer(run_cfg.train, total)
-    opt_sh = train.optimizer_shardings(tx, params, param_sh, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-    step_fn = train.make_train_step(graphdef, tx, schedule, k, param_sh, opt_sh, mesh)
-    step = jax.device_put(np.zeros((), np.int32), sharding.replicated(mesh))
-    device_batches = [sharding.put_batch(b, mesh) for b in batches[run.seed]]
+    task = tasks.MQARTask(run_cfg, [run.seed])
+    _, state, sh, step_fn = trainer.single_step(task, model_cfg, run_cfg.train, mesh, run.seed, total)
+    device_batches = [sharding.put(b, sh.batch) for b in task.train_batches(0)]
     for b in device_batches[:2]:
-      params, opt_state, step, _ = step_fn(params, opt_state, step, b)
-    jax.block_until_ready(params)
+      state, _ = step_fn(state, b)
+    jax.block_until_ready(state)
     t0 = time.perf_counter()
     for b in device_batches[2:total]:
-      params, opt_state, step, metrics = step_fn(params, opt_state, step, b)
-    jax.block_until_ready((params, metrics))
+      state, metrics = step_fn(state, b)
+    jax.block_until_ready((state, metrics))
     seq_seconds += time.perf_counter() - t0
 
-  # Vmapped: the whole group in one jitted step.
-  group = sweep.init_group(model_cfg, config.train, seeds, total, k,
-                           sweep._runs_mesh(len(runs), jax.devices()[:1]))  # pylint: disable=protected-access
-  params, opt_state, train_step = group.params, group.opt_state, group.train_step
-  lrs = group.put(np.asarray([r.learning_rate for r in runs], np.float32))
-  step = jax.device_put(np.zeros((), np.int32), group.rep)
-  stacked = [group.put({key: np.stack([batches[s][i][key] for s in seeds]) for key in ("inputs", "labels", "weight")})
-             for i in range(total)]
+  # Vmapped: the whole group as one population (zoo_jax.sweep's step), each model with its run's batches.
+  members = sweep.members_of(runs)
+  task = tasks.MQARTask(config, [m.seed for m in members])
+  mesh = sweep.runs_mesh(len(runs), jax.devices()[:1])
+  graphdef, state, sh, tx, unit = trainer.init_state(model_cfg, config.train, members, total, mesh)
+  train_step = trainer.make_train_step(task, graphdef, tx, unit, sh)
+  active = jax.device_put(np.ones(len(members), bool), sh.member)
+  stacked = [sharding.put(b, sh.batch) for b in task.train_batches(0)]
   for b in stacked[:2]:
-    params, opt_state, step, _ = train_step(params, opt_state, step, lrs, b)
-  jax.block_until_ready(params)
+    state, _ = train_step(state, active, b)
+  jax.block_until_ready(state)
   t0 = time.perf_counter()
-  for b in stacked[2:]:
-    params, opt_state, step, metrics = train_step(params, opt_state, step, lrs, b)
-  jax.block_until_ready((params, metrics))
+  for b in stacked[2:total]:
+    state, metrics = train_step(state, active, b)
+  jax.block_until_ready((state, metrics))
   vmap_seconds = time.perf_counter() - t0
 
   n, s = len(runs), _STEPS.value

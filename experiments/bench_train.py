@@ -9,9 +9,9 @@ itself and against a PyTorch port of Zoology's step.
 What it measures (a benchmark, not a test). For every mixer of `zoo_jax/configs/mqar.py` RUNS
 (attention, base_conv, hybrid: their model settings; runs that differ only in data are skipped) and
 every (d_model, L) of the grid: one optimizer step of the 2-layer Figure-2 model (vocabulary 8192,
-Zoology's block, no MLP, AdamW), on real MQAR batches from `zoo_jax.data.mqar`, with Zoology's batch
-sizes (512 for L <= 128, 256 for L = 256, 128 for L = 512, divided by --batch_scale) and kv pairs
-(64->4, 128->8, 256->16, 512->64; L//8 for other lengths). (Zoology's own Figure-2 sweep gives the
+Zoology's block, no MLP, AdamW), on real MQAR batches (the training data of `zoo_jax.tasks.MQARTask`),
+with Zoology's batch sizes (512 for L <= 128, 256 for L = 256, 128 for L = 512, divided by --batch_scale)
+and kv pairs (64->4, 128->8, 256->16, 512->64; L//8 for other lengths). (Zoology's own Figure-2 sweep gives the
 non-attention mixers 4 layers; here every mixer has 2, in both implementations alike.)
 Step times are wall-clock, each step ended by `block_until_ready`, median over --steps timed steps after
 --warmup untimed ones; tokens/s counts every position, batch × L / step time.
@@ -19,10 +19,10 @@ Step times are wall-clock, each step ended by `block_until_ready`, median over -
 Three trainers are timed in the same process, their steps interleaved (ours, full head, torch, ours, ...)
 so that load from other jobs on the machine hits all of them alike:
 
-- `zoo_jax`: the library's own jitted step (`train.make_train_step` over `init_model`, `make_optimizer`,
-  `optimizer_shardings` and a `sharding.make_mesh()` mesh): the LM head runs only at the k labelled
-  positions of each row (`LanguageModel.logits_at`).
-- `full head`: the same `train.make_train_step`, params and optimizer, but its model's `logits_at` computes
+- `zoo_jax`: the library's own jitted step, the training core's step for a population of one with the MQAR
+  task (`trainer.single_step` over `trainer.init_state`, `make_train_step` and a `sharding.make_mesh()`
+  mesh): the LM head runs only at the k labelled positions of each row (`LanguageModel.logits_at`).
+- `full head`: the same step, params and optimizer, over another graphdef whose model's `logits_at` computes
   logits at EVERY position, (b, l, v), then gathers the labelled ones for the same loss and metrics. This
   is what Zoology pays: its loss is `CrossEntropyLoss` over all (b·l, v) logits.
 - `torch` (when `import torch` works; else the column is left out): `experiments/zoology_torch_ref.py`, a
@@ -73,8 +73,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from zoo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from zoo_jax import sharding  # pylint: disable=g-import-not-at-top
-from zoo_jax import train  # pylint: disable=g-import-not-at-top
-from zoo_jax.data import mqar  # pylint: disable=g-import-not-at-top
+from zoo_jax import tasks  # pylint: disable=g-import-not-at-top
+from zoo_jax import trainer  # pylint: disable=g-import-not-at-top
 from zoo_jax.configs import mqar as mqar_configs  # pylint: disable=g-import-not-at-top
 from zoo_jax.model import LanguageModel, ModelConfig  # pylint: disable=g-import-not-at-top
 
@@ -141,8 +141,8 @@ def num_kv_pairs(seq_len: int) -> int:
 class FullHeadLanguageModel(LanguageModel):
   """The library's model with Zoology's head: logits at every position, then the labelled ones gathered.
 
-  Same parameters (same tree) as `LanguageModel`, so `train.make_train_step` runs it unchanged; only
-  `logits_at`, the one call `train.batch_metrics` makes, differs.
+  Same parameters (same tree) as `LanguageModel`, so the training core's step runs its graphdef unchanged;
+  only `logits_at`, the one call the MQAR loss (`tasks.mqar_sums`) makes, differs.
   """
 
   def logits_at(self, tokens_bl: jax.Array, positions_bk: jax.Array) -> jax.Array:
@@ -150,60 +150,60 @@ class FullHeadLanguageModel(LanguageModel):
     return jnp.take_along_axis(logits_blv, positions_bk[..., None], axis=1)
 
 
-def model_config(mixer: str, d_model: int, seq_len: int) -> ModelConfig:
+def run_config(mixer: str, d_model: int, seq_len: int, batch_size: int, num_examples: int, seed: int) -> dict:
+  """A run config at one grid point: the mixer's Figure-2 model settings (2 layers, vocabulary 8192), MQAR data
+  of `num_examples` examples per split, and the Figure-2 optimizer (AdamW lr 1e-3, wd 0.1, cosine, no clip)."""
   settings = MIXERS[mixer]
   if hasattr(mqar_configs, "figure2_models"):  # settings that depend on L (H3's d_state = L)
     settings = mqar_configs.figure2_models(seq_len).get(mixer, settings)
-  model = {**config_lib.defaults().model.to_dict(), "d_model": d_model, "n_layers": N_LAYERS, **settings}
-  return ModelConfig.from_config(model, vocab_size=VOCAB_SIZE, seq_len=seq_len)
+  c = config_lib.defaults().to_dict()
+  segments = [dict(seq_len=seq_len, num_kv_pairs=num_kv_pairs(seq_len), num_examples=num_examples)]
+  c["data"].update(vocab_size=VOCAB_SIZE, train_segments=segments, validation_segments=segments,
+                   test_segments=segments)
+  c["model"].update(d_model=d_model, n_layers=N_LAYERS, **settings)
+  c["train"].update(epochs=1, batch_size=batch_size, eval_batch_size=batch_size)
+  c["seed"] = seed
+  return c
 
 
 class JaxTrainer:
-  """One compiled `train.make_train_step` with its own params / optimizer state; `step()` runs one step."""
+  """One compiled train step (a population of one) with its own state; `step()` runs one step."""
 
-  def __init__(self, graphdef, state: tuple, tx, schedule, k: int, param_sh, opt_sh, batches: list, mesh):
-    jitted = train.make_train_step(graphdef, tx, schedule, k, param_sh, opt_sh, mesh)
+  def __init__(self, state: dict, sh: trainer.Shardings, step_fn, host_batches: list):
+    self.batches = [sharding.put(b, sh.batch) for b in host_batches]
     t0 = time.perf_counter()
-    self.compiled = jitted.lower(*state, batches[0]).compile()
+    self.compiled = step_fn.lower(state, self.batches[0]).compile()
     self.compile_s = time.perf_counter() - t0
     cost = self.compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     self.gflop = float(cost.get("flops", float("nan"))) / 1e9 if cost else float("nan")
-    self.num_params = train.count_params(state[0])
-    self.state = state  # (params, opt_state, step), donated to the step and replaced by its outputs
-    self.batches = batches
+    self.num_params = trainer.count_params(jax.tree.map(lambda x: x[0], state["params"]))
+    self.state = state  # donated to the step and replaced by its output
     self.i = 0
     self.last_metrics = None
 
   def step(self) -> None:
-    params, opt_state, step, metrics = self.compiled(*self.state, self.batches[self.i % len(self.batches)])
-    jax.block_until_ready((params, opt_state, metrics))
-    self.state = (params, opt_state, step)
+    self.state, metrics = self.compiled(self.state, self.batches[self.i % len(self.batches)])
+    jax.block_until_ready((self.state, metrics))
     self.last_metrics = metrics
     self.i += 1
 
   def loss(self) -> float:
-    return float(self.last_metrics["loss"])
+    return float(self.last_metrics["loss"][0])
 
 
-def jax_trainers(model_cfg: ModelConfig, k: int, batches: list, mesh, seed: int,
+def jax_trainers(task: tasks.MQARTask, model_cfg: ModelConfig, train_cfg, host_batches: list, mesh, seed: int,
                  total_steps: int) -> dict[str, JaxTrainer]:
-  """`zoo_jax` (the library's step) and `full_head` (the same step over `FullHeadLanguageModel`), from the
-  same initial params and optimizer state (copies: each trainer donates its own)."""
-  graphdef, params, param_sh = train.init_model(model_cfg, mesh, seed)
+  """`zoo_jax` (the library's step) and `full_head` (the same step over `FullHeadLanguageModel`'s graphdef),
+  each from its own copy of the same initial state (the same seed)."""
   abstract = nnx.eval_shape(lambda: FullHeadLanguageModel(model_cfg, rngs=nnx.Rngs(seed)))
   full_graphdef, _ = nnx.split(abstract, nnx.Param)  # the same parameter tree under the other class
-  train_cfg = config_lib.defaults().train  # Figure-2 optimizer: AdamW lr 1e-3, wd 0.1, cosine, no clip
-  tx, schedule = train.make_optimizer(train_cfg, total_steps)
-  opt_sh = train.optimizer_shardings(tx, params, param_sh, mesh)
-  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-  step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
-  copy = lambda tree: jax.tree.map(jnp.copy, tree)
-  return dict(
-      zoo_jax=JaxTrainer(graphdef, (params, opt_state, step), tx, schedule, k, param_sh, opt_sh, batches,
-                         mesh),
-      full_head=JaxTrainer(full_graphdef, (copy(params), copy(opt_state), copy(step)), tx, schedule, k,
-                           param_sh, opt_sh, batches, mesh))
+  trainers = {}
+  for name, graphdef in (("zoo_jax", None), ("full_head", full_graphdef)):
+    _, state, sh, step_fn = trainer.single_step(task, model_cfg, train_cfg, mesh, seed, total_steps,
+                                                graphdef=graphdef)
+    trainers[name] = JaxTrainer(state, sh, step_fn, host_batches)
+  return trainers
 
 
 # ---------------------------------------------------------------------------------------------- torch
@@ -278,18 +278,18 @@ def bench_one(mixer: str, d_model: int, seq_len: int, mesh, torch_ref) -> dict[s
   n_data = mesh.shape["data"]
   batch_size = max(n_data, batch_size // n_data * n_data)
   n_batches = min(_WARMUP.value + _STEPS.value, 4)  # distinct real batches, cycled
-  ds = mqar.build_dataset([dict(seq_len=seq_len, num_kv_pairs=kv, num_examples=n_batches * batch_size)],
-                          vocab_size=VOCAB_SIZE, seed=_SEED.value, split="train")
-  host = list(mqar.epoch_batches(ds, batch_size, seed=_SEED.value, epoch=0))
-  device = [sharding.put_batch(b, mesh) for b in host]
-  k = ds.max_labels_per_example
-  model_cfg = model_config(mixer, d_model, seq_len)
+  config, model_cfg = config_lib.resolve(
+      run_config(mixer, d_model, seq_len, batch_size, n_batches * batch_size, _SEED.value))
+  task = tasks.MQARTask(config, [_SEED.value])
+  host = list(task.train_batches(0))  # (1, b, l): a population of one
+  k = task.k
   total_steps = 2 * (_WARMUP.value + _STEPS.value)
 
-  trainers: dict[str, Any] = jax_trainers(model_cfg, k, device, mesh, _SEED.value, total_steps)
+  trainers: dict[str, Any] = jax_trainers(task, model_cfg, config.train, host, mesh, _SEED.value, total_steps)
   n_params = trainers["zoo_jax"].num_params
   if torch_ref is not None and torch_ref.has_port(model_cfg.mixer):
-    trainers["torch"] = TorchTrainer(torch_ref, mixer, d_model, seq_len, host, _SEED.value)
+    trainers["torch"] = TorchTrainer(torch_ref, mixer, d_model, seq_len, [{key: v[0] for key, v in b.items()}
+                                                                          for b in host], _SEED.value)
     if trainers["torch"].num_params != n_params:
       raise ValueError(f"parameter counts differ, zoo_jax {n_params:,} vs torch port "
                        f"{trainers['torch'].num_params:,}: not a like-for-like comparison")

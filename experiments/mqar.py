@@ -5,16 +5,19 @@ r"""Trains sequence mixers on MQAR and prints a comparison table.
       --workdir=/tmp/zoo_jax_attention
 
 Each run of the config's `runs` trains in `<workdir>/<run name>` (config.json, metrics.jsonl, tb/,
-checkpoints/, summary.json); the table is also written to `<workdir>/results.md`. Rerunning with the same
-workdir resumes unfinished runs from their checkpoints and reports finished ones.
+checkpoints/, summary.json); the table — these runs and any other finished run already in the workdir — is
+also written to `<workdir>/results.md`. Rerunning with the same workdir resumes unfinished runs from their
+checkpoints and reports finished ones.
 """
 
+import json
 import os
 import sys
 
 from absl import logging
 from absl import flags
 
+from zoo_jax import checkpoint
 from zoo_jax import cli
 from zoo_jax import config as config_lib
 from zoo_jax import train
@@ -38,6 +41,18 @@ def format_table(summaries: dict) -> str:
   return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
+def all_summaries(workdir: str, names: list[str]) -> dict[str, dict]:
+  """Every finished run in `workdir` (the ones just trained first, in config order, then any others a
+  previous command left there, by name): the table is merged, never rewritten without other runs' rows."""
+  found = {}
+  for name in names + sorted(os.listdir(workdir)):
+    path = os.path.join(workdir, name, "summary.json")
+    if name not in found and os.path.isfile(path):
+      with open(path) as f:
+        found[name] = json.load(f)
+  return found
+
+
 def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:  # Orbax logs every checkpoint step at INFO
@@ -46,11 +61,13 @@ def main(argv):
     configs = config_lib.expand_runs(_CONFIG.value)
   except ValueError as e:  # a one-line message naming the key, before anything is computed or written
     sys.exit(f"error: {e}")
-  summaries = {}
   for name, cfg in configs.items():
     print(f"\n=== {name} ===", flush=True)
-    summaries[name] = train.train_and_evaluate(cfg, os.path.join(_WORKDIR.value, name))
-  table = format_table(summaries)
+    try:
+      train.train_and_evaluate(cfg, os.path.join(_WORKDIR.value, name))
+    except (ValueError, checkpoint.CheckpointError, train.NonFiniteLossError) as e:
+      sys.exit(f"error: {name}: {e}")
+  table = format_table(all_summaries(_WORKDIR.value, list(configs)))
   with open(os.path.join(_WORKDIR.value, "results.md"), "w") as f:
     f.write(table + "\n")
   print("\nMQAR accuracy (model chosen on validation, accuracy on test):\n" + table)

@@ -301,7 +301,7 @@ def selection_table(workdir: str, tasks: list[str], variants: list[str]) -> str:
   selected (zoo_jax.analysis.selection, first 500 test examples, best-validation parameters). '' if none."""
   from zoo_jax import notebook_utils  # pylint: disable=g-import-not-at-top
   from zoo_jax.analysis import selection  # pylint: disable=g-import-not-at-top
-  from zoo_jax import train  # pylint: disable=g-import-not-at-top
+  from zoo_jax import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   lines = []
   for task in tasks:
     if CONFIGS.task_kind(task) != "mqar":
@@ -311,7 +311,7 @@ def selection_table(workdir: str, tasks: list[str], variants: list[str]) -> str:
       if variant in ("base_conv", "full") or not os.path.exists(os.path.join(run_dir, "summary.json")):
         continue
       model, cfg = notebook_utils.load_mqar_model(run_dir)
-      ds = train.build_split(cfg, "test")
+      ds = tasks_lib.build_split(cfg, "test")
       for layer, st in selection.mqar_selection(model, ds).items():
         lines.append(f"| {task} | {variant} | {layer} | {st['selected']:.1f} | {st['keys']:.3f} | "
                      f"{st['values']:.3f} | {st['queries']:.3f} | {st['filler']:.4f} |")

@@ -267,7 +267,7 @@ class LanguageModel(nn.Module):
     return self.lm_head(hidden_states)  # (b, l, v): the head at every position
 
   def num_trainable_params(self) -> int:
-    """Trainable parameters, the tied embedding once: what zoo_jax's `train.count_params` counts. (The
+    """Trainable parameters, the tied embedding once: what zoo_jax's `trainer.count_params` counts. (The
     implicit filters' positional features are a frozen `nn.Parameter` in Zoology; zoo_jax computes them.)"""
     return sum(p.numel() for p in self.parameters() if p.requires_grad)
 

@@ -15,7 +15,8 @@ from flax import nnx
 
 from zoo_jax import lm
 from zoo_jax import mixers
-from zoo_jax import train as train_lib
+from zoo_jax import tasks
+from zoo_jax import trainer
 from zoo_jax.analysis import ar_hits
 from zoo_jax.configs import lm as lm_configs
 from zoo_jax.mixers import attention
@@ -128,11 +129,20 @@ def test_rotary_attention_recurrent_equals_parallel_and_default_tree_unchanged()
 # ---------------------------------------------------------------------------------------------- Training
 
 
-def test_lm_batch_labels_are_the_next_tokens():
-  tokens = np.arange(12, dtype=np.int32).reshape(2, 6)
-  batch = lm.lm_batch(tokens, np.array([1.0, 0.0]))
-  np.testing.assert_array_equal(batch["labels"][0], [1, 2, 3, 4, 5, -100])
-  assert (batch["labels"][1] == -100).all()  # a padding row has no labels
+def test_lm_loss_is_the_next_token_cross_entropy_of_every_position():
+  logits_blv = jax.random.normal(jax.random.key(0), (2, 6, 11))
+  tokens = np.arange(12, dtype=np.int32).reshape(2, 6) % 11
+
+  class Fixed:  # a "model" whose logits are given
+    def __call__(self, tokens_bl):
+      return logits_blv
+
+  logp = tasks.token_logprobs(Fixed(), jnp.asarray(tokens))
+  want = jnp.take_along_axis(jax.nn.log_softmax(logits_blv[:, :-1]), tokens[:, 1:, None], axis=-1)[..., 0]
+  np.testing.assert_allclose(logp, want, rtol=1e-6)
+  task = object.__new__(tasks.LMTask)  # the loss needs no data
+  loss, _ = task.loss(Fixed(), {"tokens": jnp.asarray(tokens)})
+  np.testing.assert_allclose(loss, -want.mean(), rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -141,7 +151,7 @@ def test_resume_mid_epoch_gives_the_same_next_batches(tmp_path, corpus):
   cfg = tiny_lm_config(corpus, eval_every_steps=6)
   seen_full, seen_resumed = [], []
   summary = lm.train_lm(cfg, str(tmp_path / "full"), _record_batches=seen_full)
-  with pytest.raises(train_lib._SimulatedKill):  # pylint: disable=protected-access
+  with pytest.raises(trainer.SimulatedKill):
     lm.train_lm(cfg, str(tmp_path / "resumed"), _kill_after_steps=3, _record_batches=seen_resumed)
   assert [s for s, _ in seen_resumed] == [0, 1, 2]
   seen_resumed.clear()
@@ -173,22 +183,21 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import json
     import jax, jax.numpy as jnp, numpy as np
-    from zoo_jax import lm, sharding, train
+    from zoo_jax import lm, sharding, tasks, trainer
     assert jax.device_count() == 8, jax.devices()
     cfg, model_cfg, _ = lm.resolve({cfg!r})
-    tokens = np.random.default_rng(0).integers(0, 50257, size=(4, 8, 16)).astype(np.int32)
+    tokens = np.random.default_rng(0).integers(0, 50257, size=(4, 1, 8, 16)).astype(np.int32)
+    task = object.__new__(tasks.LMTask)  # its loss needs no data
 
     def run(mesh):
-      graphdef, params, param_sh = train.init_model(model_cfg, mesh, seed=0)
-      tx, schedule = train.make_optimizer(cfg.train, total_steps=10)
-      opt_sh = train.optimizer_shardings(tx, params, param_sh, mesh)
-      opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-      step_fn = train.make_train_step(graphdef, tx, schedule, 16, param_sh, opt_sh, mesh)
-      step, losses = jnp.zeros((), jnp.int32), []
+      member = trainer.Member("run", 0, cfg.train.learning_rate, cfg.train.weight_decay)
+      graphdef, state, sh, tx, unit = trainer.init_state(model_cfg, cfg.train, [member], 10, mesh)
+      step_fn = trainer.make_train_step(task, graphdef, tx, unit, sh)
+      active, losses = jax.device_put(np.ones(1, bool), sh.member), []
       for t in tokens:
-        params, opt_state, step, m = step_fn(params, opt_state, step, sharding.put_batch(lm.lm_batch(t), mesh))
-        losses.append(float(m["loss"]))
-      spec = tuple(getattr(params["embed"]["embedding"].sharding, "spec", ("single-device",)))
+        state, m = step_fn(state, active, sharding.put(dict(tokens=t), sh.batch))
+        losses.append(float(m["loss"][0]))
+      spec = tuple(getattr(state["params"]["embed"]["embedding"].sharding, "spec", ("single-device",)))
       return losses, spec
 
     single = run(sharding.make_mesh(devices=jax.devices()[:1]))
@@ -207,7 +216,7 @@ def test_sharded_step_matches_single_device_on_8_simulated_devices(corpus):
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   (single, _), (sharded, spec) = result["single"], result["sharded"]
-  assert spec == ["model", "fsdp"]  # vocabulary over `model`, embedding width over `fsdp`
+  assert spec == [None, "model", "fsdp"]  # vocabulary over `model`, embedding width over `fsdp`
   np.testing.assert_allclose(sharded, single, rtol=2e-5)
   assert single[-1] < single[0]
 

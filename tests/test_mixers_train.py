@@ -9,15 +9,14 @@ the mean loss of the last 10 steps to be below 75% of the first step's.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from zoo_jax import config as config_lib
 from zoo_jax import mixers
 from zoo_jax import sharding
-from zoo_jax import train
-from zoo_jax.data import mqar
+from zoo_jax import tasks
+from zoo_jax import trainer
 
 STEPS = 200
 # Default hyperparameters, except sizes the config check requires to fit this test's L = 16: the local
@@ -32,20 +31,15 @@ def test_loss_falls_on_small_mqar(name):
   cfg["data"].update(vocab_size=64, train_segments=segments, validation_segments=segments,
                      test_segments=segments)
   cfg["model"].update(d_model=32, mixer={"name": name, **FIT_L.get(name, {})})
-  cfg["train"].update(batch_size=32, learning_rate=3e-3, schedule="constant")
+  cfg["train"].update(epochs=1, batch_size=32, learning_rate=3e-3, schedule="constant")
   cfg, model_cfg = config_lib.resolve(cfg)
-  ds = mqar.build_dataset(cfg.data.train_segments, vocab_size=64, seed=0, split="train")
+  task = tasks.MQARTask(cfg, [0])
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  graphdef, params, param_sh = train.init_model(model_cfg, mesh, seed=0)
-  tx, schedule = train.make_optimizer(cfg.train, total_steps=STEPS)
-  opt_sh = train.optimizer_shardings(tx, params, param_sh, mesh)
-  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-  step_fn = train.make_train_step(graphdef, tx, schedule, ds.max_labels_per_example, param_sh, opt_sh, mesh)
-  step = jnp.zeros((), jnp.int32)
+  _, state, sh, step_fn = trainer.single_step(task, model_cfg, cfg.train, mesh, seed=0, total_steps=STEPS)
   losses = []
-  for batch in mqar.epoch_batches(ds, 32, seed=0, epoch=0):
-    params, opt_state, step, metrics = step_fn(params, opt_state, step, sharding.put_batch(batch, mesh))
-    losses.append(metrics["loss"])
+  for batch in task.train_batches(0):
+    state, metrics = step_fn(state, sharding.put(batch, sh.batch))
+    losses.append(metrics["loss"][0])
   losses = np.asarray(jax.device_get(losses))
   assert len(losses) == STEPS and np.isfinite(losses).all(), losses
   assert losses[-10:].mean() < 0.75 * losses[0], f"{name}: first loss {losses[0]:.3f}, last 10 {losses[-10:]}"

@@ -11,8 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from zoo_jax import config as config_lib
 from zoo_jax import mixers
-from zoo_jax import train
+from zoo_jax import sharding
+from zoo_jax import tasks
+from zoo_jax import trainer
 from zoo_jax.mixers import sparse_attention as sa
 from zoo_jax.model import LanguageModel, ModelConfig
 
@@ -180,7 +183,7 @@ def tiny_lm(aux_weight: float):
                                    {"name": "sparse_attention", "selection": "learned", "budget": 6,
                                     "aux_weight": aux_weight}]})
   graphdef, params = nnx.split(LanguageModel(cfg, rngs=nnx.Rngs(0)), nnx.Param)
-  return graphdef, params.to_pure_dict()
+  return cfg, graphdef, params.to_pure_dict()
 
 
 def lm_batch():
@@ -189,24 +192,35 @@ def lm_batch():
   return dict(inputs=jnp.asarray(inputs), labels=jnp.asarray(np.roll(inputs, -1, axis=1)))
 
 
+def mqar_task():
+  """The MQAR loss over the 12 labelled positions of `lm_batch` (the loss needs no data of the task's own)."""
+  task = object.__new__(tasks.MQARTask)
+  task.k = 12
+  return task
+
+
 def test_auxiliary_loss_is_added_logged_and_reaches_the_scorer():
-  graphdef, params = tiny_lm(aux_weight=0.5)
-  batch = lm_batch()
-  (loss, m), grads = jax.jit(jax.value_and_grad(lambda p: train.loss_and_metrics(graphdef, p, batch, 12),
-                                                has_aux=True))(params)
+  cfg, graphdef, params = tiny_lm(aux_weight=0.5)
+  task, batch = mqar_task(), lm_batch()
+  loss_and_metrics = lambda p: trainer.loss_and_metrics(task, graphdef, p, batch)
+  (loss, m), grads = jax.jit(jax.value_and_grad(loss_and_metrics, has_aux=True))(params)
   assert 0 < float(m["aux_loss"]) <= 0.5  # 0.5 · mean sigmoid
   np.testing.assert_allclose(loss, m["task_loss"] + m["aux_loss"], rtol=1e-6)
-  aux_grad = jax.jit(jax.grad(lambda p: train.loss_and_metrics(graphdef, p, batch, 12)[1]["aux_loss"]))(params)
+  aux_grad = jax.jit(jax.grad(lambda p: loss_and_metrics(p)[1]["aux_loss"]))(params)
   scorer = aux_grad["blocks"][1]["mixer"]["mixer"]["scorer"]
   assert np.abs(np.asarray(scorer["kernel"])).max() > 0 and np.abs(np.asarray(scorer["bias"])).max() > 0
   assert np.abs(np.asarray(grads["blocks"][1]["mixer"]["mixer"]["scorer"]["kernel"])).max() > 0
-  metrics = train.step_metrics(m, grads, 1e-3)
-  assert metrics["loss"] == m["task_loss"] and metrics["aux_loss"] == m["aux_loss"]
+  # The train step (same initial parameters: seed 0) logs the task loss as `loss`, the auxiliary one beside it.
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  _, state, sh, step = trainer.single_step(task, cfg, config_lib.defaults().train, mesh, seed=0, total_steps=1)
+  _, metrics = step(state, sharding.put({k: np.asarray(v)[None] for k, v in batch.items()}, sh.batch))
+  np.testing.assert_allclose(metrics["loss"][0], m["task_loss"], rtol=1e-5)
+  np.testing.assert_allclose(metrics["aux_loss"][0], m["aux_loss"], rtol=1e-5)
 
 
 def test_no_auxiliary_loss_without_a_weight():
-  graphdef, params = tiny_lm(aux_weight=0.0)
-  loss, m = jax.jit(lambda p: train.loss_and_metrics(graphdef, p, lm_batch(), 12))(params)
+  _, graphdef, params = tiny_lm(aux_weight=0.0)
+  loss, m = jax.jit(lambda p: trainer.loss_and_metrics(mqar_task(), graphdef, p, lm_batch()))(params)
   assert "aux_loss" not in m and loss == m["task_loss"]
 
 

@@ -7,13 +7,14 @@ import os
 import numpy as np
 import pytest
 
-from zoo_jax import cli
 from zoo_jax import config as config_lib
 from zoo_jax import sweep
 from zoo_jax import sweep_plots
 from zoo_jax import train
+from zoo_jax import trainer
+from zoo_jax.configs import figure2
+from zoo_jax.configs import tradeoff
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATTENTION = {"model": {"mixer": {"name": "attention"}}}
 
 
@@ -135,7 +136,7 @@ def test_an_interrupted_group_resumes_to_the_same_results(finished_sweep, tmp_pa
   c, _, rows = finished_sweep
   runs = sweep.expand_grid(c)
   group_dir = str(tmp_path / "group")
-  with pytest.raises(train._SimulatedKill):  # pylint: disable=protected-access
+  with pytest.raises(trainer.SimulatedKill):
     sweep.train_group(runs, group_dir, _kill_after_steps=20)  # 16 steps per epoch: killed in epoch 2
   resumed = sweep.train_group(runs, group_dir)
   for want, got in zip(rows, resumed):
@@ -203,7 +204,7 @@ def test_results_table_round_trips_through_csv(tmp_path, finished_sweep):
 
 
 def _figure2_config(scale):
-  return cli.load_module(os.path.join(REPO, "experiments", "configs", "figure2.py")).get_config(scale)
+  return figure2.get_config(scale)
 
 
 def test_figure2_paper_scale_is_zoologys_grid():
@@ -227,7 +228,7 @@ def test_figure2_cpu_scale_expands():
 
 
 def test_tradeoff_sweep_puts_each_recurrence_after_a_base_conv_layer():
-  module = cli.load_module(os.path.join(REPO, "experiments", "configs", "tradeoff.py"))
+  module = tradeoff
   runs = sweep.expand_grid(module.get_config("paper"))
   assert {r.d_model for r in runs} == {64, 128, 256}
   gla = next(r for r in runs if r.mixer == "gla")

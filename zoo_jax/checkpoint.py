@@ -17,7 +17,7 @@ integer arithmetic, so it does not depend on how the leaf is sharded, and it cov
 fully addressable (multi-process runs) too. `save` refuses a state with a non-finite float, so every
 checkpoint written is one `restore` accepts.
 
-`restore` tries steps newest first and skips a damaged one with one warning line (absl and stderr).
+`restore` tries steps newest first and skips a damaged one with one warning line on stderr.
 Damaged, and how it is seen (tests/test_checkpoint.py damages step 2 of two in each of these ways):
   - the step is a file, not a directory (`checkpoints/2`, or a stray `99`)     listing
   - a stray empty step directory (`checkpoints/99/`)                           listing: files missing
@@ -100,8 +100,8 @@ class WorkdirBusyError(CheckpointError):
 
 
 def _warn(message: str) -> None:
-  """One warning line, to the absl log and to stderr (absl may not be configured to print it)."""
-  logging.warning("%s", message)
+  """One warning line on stderr (not also through absl, which prints to stderr too: the line would show
+  twice)."""
   print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
@@ -487,3 +487,37 @@ def _close_at_exit(ref: "weakref.ref[Checkpointer]") -> None:
       checkpointer.close()
     except CheckpointError as e:
       _warn(str(e))
+
+
+# ---------------------------------------------------------------------------------------------- Inference
+
+
+def load_for_inference(workdir: str):
+  """(LanguageModel holding the best-validation parameters, full run config) of a run's workdir (an MQAR
+  run of `zoo_jax.train` or an LM run of `zoo_jax.lm`), finished or interrupted, on one device.
+
+  The newest good checkpoint is restored (damaged steps are skipped as in training); the model's
+  parameters are its `best_params`. (A sweep group's directory holds a population, not one run: not
+  supported here.)
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from zoo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from zoo_jax import sharding  # pylint: disable=g-import-not-at-top
+  from zoo_jax import trainer  # pylint: disable=g-import-not-at-top
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(config_path):
+    raise CheckpointError(f"{config_path} not found: not a run's workdir (written by zoo_jax.train or zoo_jax.lm)")
+  with open(config_path) as f:
+    config, model_cfg = config_lib.resolve(json.load(f))
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  member = trainer.Member("run", config.seed, config.train.learning_rate, config.train.weight_decay)
+  graphdef, like, _, _, _ = trainer.init_state(model_cfg, config.train, [member], 1, mesh)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+  try:
+    restored = checkpointer.restore(like)
+  finally:
+    checkpointer.close()
+  if restored is None:
+    raise CheckpointError(f"{workdir}/checkpoints holds no checkpoint")
+  state, _, _ = restored
+  return nnx.merge(graphdef, jax.tree.map(lambda x: x[0], state["best_params"])), config

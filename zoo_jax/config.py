@@ -268,10 +268,6 @@ def deep_merge(base: Mapping, override: Mapping) -> dict:
   return out
 
 
-# The names other modules used before these were public (zoo_jax/sweep.py still does).
-_as_dict, _check_keys, _deep_merge = as_dict, check_keys, deep_merge
-
-
 def max_seq_len(data: Mapping) -> int:
   return max(s["seq_len"] for key in ("train_segments", "validation_segments", "test_segments")
              for s in data[key])

@@ -21,12 +21,9 @@ import os
 import sys
 from typing import Any, Mapping, Sequence
 
-from flax import nnx
 import numpy as np
-import orbax.checkpoint as ocp
 
-from zoo_jax import config as config_lib
-from zoo_jax import train as train_lib
+from zoo_jax import checkpoint
 from zoo_jax.data import mqar
 from zoo_jax.model import LanguageModel
 
@@ -43,19 +40,12 @@ def in_colab() -> bool:
 
 
 def load_mqar_model(workdir: str) -> tuple[LanguageModel, Any]:
-  """(model holding the best-validation parameters, full run config) of a finished or interrupted run."""
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"{config_path} not found (written by zoo_jax.train.train_and_evaluate)")
-  with open(config_path) as f:
-    config, model_cfg = config_lib.resolve(json.load(f))
-  _, manager = train_lib.checkpoint_manager(workdir, config.train.keep_checkpoints)
-  if manager.latest_step() is None:
-    raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
-  # No target tree: arrays come back as saved (the notebook runs on one device); keys as in train.py.
-  restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  graphdef = nnx.split(nnx.eval_shape(lambda: LanguageModel(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)[0]
-  return nnx.merge(graphdef, restored.state["best_params"]), config
+  """(model holding the best-validation parameters, full run config) of a finished or interrupted run:
+  `zoo_jax.checkpoint.load_for_inference`, with a missing workdir or checkpoint as FileNotFoundError."""
+  try:
+    return checkpoint.load_for_inference(workdir)
+  except checkpoint.CheckpointError as e:
+    raise FileNotFoundError(str(e)) from None
 
 
 def read_curves(workdir: str) -> dict[str, dict[str, np.ndarray]]:

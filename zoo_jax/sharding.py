@@ -1,6 +1,6 @@
 """The device mesh and the one table of logical-axis rules that maps parameter axes onto it.
 
-Mesh axes: `data` (batch parallelism), `fsdp` (batch parallelism with the parameters' `embed` dimension split
+Mesh axes: `runs` (the models of a population, `zoo_jax.trainer`), `data` (batch parallelism), `fsdp` (batch parallelism with the parameters' `embed` dimension split
 over it too: fully-sharded data parallelism, ZeRO-3 style; the compiler all-gathers a weight where it is
 used) and `model` (tensor parallelism over heads / MLP / vocabulary). The batch is split over `data` × `fsdp`.
 Parameters carry logical axis names (`zoo_jax.layers.logical`); `LOGICAL_RULES` says which mesh axis each
@@ -15,7 +15,7 @@ import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import numpy as np
 
-MESH_AXES = ("data", "fsdp", "model")
+MESH_AXES = ("runs", "data", "fsdp", "model")
 
 LOGICAL_RULES: Mapping[str, str | None] = {
     "batch": "data",
@@ -26,10 +26,13 @@ LOGICAL_RULES: Mapping[str, str | None] = {
 }
 
 
-def make_mesh(data: int = -1, model: int = 1, devices=None, *, fsdp: int = 1) -> jax.sharding.Mesh:
-  """A (data, fsdp, model) mesh over `devices` (default: all). `data=-1` takes what `model`·`fsdp` leave."""
+def make_mesh(data: int = -1, model: int = 1, devices=None, *, fsdp: int = 1, runs: int = 1) -> jax.sharding.Mesh:
+  """A (runs, data, fsdp, model) mesh over `devices` (default: all). `data=-1` takes what `runs`·`model`·`fsdp`
+  leave. `runs` splits a population of models (`zoo_jax.trainer`); a single run has runs = 1."""
   devices = list(devices if devices is not None else jax.devices())
-  n = len(devices)
+  if runs < 1 or len(devices) % runs:
+    raise ValueError(f"the runs axis ({runs}) must divide the device count ({len(devices)})")
+  n = len(devices) // runs
   if model < 1 or n % model:
     raise ValueError(f"mesh.model must be >= 1 and divide the device count ({n}), got {model}")
   if fsdp < 1 or n % (model * fsdp):
@@ -40,7 +43,7 @@ def make_mesh(data: int = -1, model: int = 1, devices=None, *, fsdp: int = 1) ->
   if data < 1 or data * fsdp * model != n:
     raise ValueError(f"mesh.data × mesh.fsdp × mesh.model must equal the device count ({n}), "
                      f"got {data} × {fsdp} × {model}")
-  return jax.make_mesh((data, fsdp, model), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+  return jax.make_mesh((runs, data, fsdp, model), MESH_AXES, axis_types=(AxisType.Auto,) * 4, devices=devices)
 
 
 def logical_to_mesh(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
@@ -90,8 +93,12 @@ def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.Sharding:
   return named(mesh, P())
 
 
+def put(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+  """Host numpy batch (this process's rows) -> global arrays with `sharding`."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
 def put_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
   """Host numpy batch -> global arrays split over the `data` axis (this process's rows)."""
-  sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+  return put(batch, batch_sharding(mesh))
 

@@ -14,17 +14,16 @@ A sweep config is a run config (`zoo_jax.config.defaults()`) plus a `sweep` sect
     sweep.seed           [0, ...]
     sweep.max_group_size 0 (no limit) or the most models one jitted step trains at once
 
-Runs whose configs agree in everything but learning rate and seed form a *group*, trained together: one
-jitted step is `jax.vmap` of the single-run step over a leading model axis, each model with its own
-parameters, optimizer state, data order (its seed) and learning rate (injected per model: the optimizer
-runs with a unit peak learning rate and each model's update is scaled by its own, which equals a separate
-AdamW for the schedules here, all linear in the peak value). Each model follows exactly the protocol of
-`zoo_jax.train.train_and_evaluate` (same initialisation, batches, schedule, per-epoch validation, selection
-on validation, early stop above `train.early_stop_accuracy`, test evaluated once with the best parameters):
-a model that stops early is retired (its best parameters are final; it is no longer evaluated) while
-the rest of its group trains on, and a model whose loss turns non-finite is retired the same way and
-reported with status 'diverged', without stopping its group. With several devices
-the model axis of a group is split over them (`runs` mesh axis).
+Runs whose configs agree in everything but learning rate and seed form a *group*, trained together as
+one population of the training core (`zoo_jax.trainer`): the same jitted step as a single run, vmapped
+over a leading model axis, each model with its own parameters, optimizer state, data order (its seed) and
+learning rate (an injected optimizer hyperparameter). Each model follows exactly the protocol of
+`zoo_jax.train.train_and_evaluate` (a single run is a population of one): same initialisation, batches,
+schedule, per-epoch validation, selection on validation, early stop above `train.early_stop_accuracy`,
+test evaluated once with the best parameters. A model that stops early is retired (its updates masked,
+its best parameters final) while the rest of its group trains on, and a model whose loss turns
+non-finite is retired the same way and reported with status 'diverged', without stopping its group. With
+several devices the model axis of a group is split over them (the mesh's `runs` axis).
 
 Output, in the sweep's workdir: `results.csv` (one row per finished run, appended when its group
 finishes), `groups/<group>/` (metrics.jsonl, Orbax checkpoints of the whole group after every epoch). A
@@ -46,19 +45,14 @@ import os
 import time
 from typing import Any
 
-from flax import nnx
 import jax
-from jax.sharding import AxisType, PartitionSpec as P
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
-import orbax.checkpoint as ocp
 
+from zoo_jax import checkpoint as checkpoint_lib
 from zoo_jax import config as config_lib
 from zoo_jax import sharding
-from zoo_jax import train
-from zoo_jax.data import mqar
+from zoo_jax import tasks
+from zoo_jax import trainer
 
 SEQ_LEN_MARKER = "${seq_len}"
 LENGTH_KEYS = ("seq_len", "num_kv_pairs", "train_examples", "eval_examples", "batch_size")
@@ -118,7 +112,7 @@ def _check_list(values: Any, field: str, kind: type, positive: bool = True) -> l
 
 def expand_grid(config: Any) -> list[Run]:
   """Every run of a sweep config, validated (a bad point fails here, naming it, before anything trains)."""
-  base = json.loads(json.dumps(config_lib._as_dict(config)))  # pylint: disable=protected-access
+  base = json.loads(json.dumps(config_lib.as_dict(config)))
   sweep = base.pop("sweep", None)
   base.pop("runs", None)
   if not sweep:
@@ -153,9 +147,9 @@ def expand_grid(config: Any) -> list[Run]:
   for mixer_name, partial in sweep["mixers"].items():
     for length in lengths:
       seq_len, kv = length["seq_len"], length["num_kv_pairs"]
-      overrides = _substitute(json.loads(json.dumps(config_lib._as_dict(partial))), seq_len)  # pylint: disable=protected-access
-      config_lib._check_keys(overrides, base, f"sweep.mixers.{mixer_name}.")  # pylint: disable=protected-access
-      cell = config_lib._deep_merge(base, overrides)  # pylint: disable=protected-access
+      overrides = _substitute(json.loads(json.dumps(config_lib.as_dict(partial))), seq_len)
+      config_lib.check_keys(overrides, base, f"sweep.mixers.{mixer_name}.")
+      cell = config_lib.deep_merge(base, overrides)
       cell["data"] = {**cell["data"],
                       "train_segments": [dict(seq_len=seq_len, num_kv_pairs=kv,
                                               num_examples=length["train_examples"])],
@@ -246,263 +240,66 @@ def append_results(path: str, rows: list[dict[str, Any]]) -> None:
       writer.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()})
 
 
-# ---------------------------------------------------------------------------------------------- Steps
+# ---------------------------------------------------------------------------------------------- Group
 
 
-def _stack(trees: list[Any]) -> Any:
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+def members_of(runs: list[Run]) -> list[trainer.Member]:
+  return [trainer.Member(r.run_id, r.seed, r.learning_rate, r.config["train"]["weight_decay"]) for r in runs]
 
 
-def make_group_steps(graphdef, tx: optax.GradientTransformation, schedule, k: int, model_sh, rep):
-  """(train_step, eval_step, keep_best): the single-run steps of `zoo_jax.train`, vmapped over models.
-
-  train_step(params_m, opt_m, step, lr_m, batch_m) steps every model; the optimizer `tx` has a unit peak
-  learning rate and each model's update is scaled by its own lr_m. Models that stopped (early stop,
-  divergence) keep stepping with the rest (masking them would cost a select over every parameter and
-  moment each step); nothing reads them again, since `keep_best` only takes improving, active models.
-  """
-
-  def one_step(params, opt_state, step, lr, batch):
-
-    (_, m), grads = jax.value_and_grad(lambda p: train.loss_and_metrics(graphdef, p, batch, k),
-                                       has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates))
-    return params, opt_state, train.step_metrics(m, grads, lr * schedule(step))
-
-  def train_step(params_m, opt_m, step, lr_m, batch_m):
-    params_m, opt_m, metrics = jax.vmap(one_step, in_axes=(0, 0, None, 0, 0))(params_m, opt_m, step, lr_m,
-                                                                              batch_m)
-    return params_m, opt_m, step + 1, metrics
-
-  def eval_step(params_m, batch_m):
-    return jax.vmap(lambda p, b: train.batch_metrics(nnx.merge(graphdef, p), b, k))(params_m, batch_m)
-
-  def keep_best(best_m, params_m, improved_m):
-    return jax.tree.map(lambda b, p: jnp.where(improved_m.reshape((-1,) + (1,) * (p.ndim - 1)), p, b),
-                        best_m, params_m)
-
-  train_jit = jax.jit(train_step, in_shardings=(model_sh, model_sh, rep, model_sh, model_sh),
-                      out_shardings=(model_sh, model_sh, rep, model_sh), donate_argnums=(0, 1))
-  eval_jit = jax.jit(eval_step, in_shardings=(model_sh, model_sh), out_shardings=model_sh)
-  best_jit = jax.jit(keep_best, in_shardings=(model_sh, model_sh, model_sh), out_shardings=model_sh,
-                     donate_argnums=(0,))
-  return train_jit, eval_jit, best_jit
-
-
-@dataclasses.dataclass
-class Group:
-  """A group's models on its `runs` mesh: stacked parameters and optimizer states, and its jitted steps."""
-  params: Any
-  opt_state: Any
-  train_step: Any
-  eval_step: Any
-  keep_best: Any
-  model_sh: jax.sharding.Sharding  # leading model axis over the mesh's `runs` axis
-  rep: jax.sharding.Sharding
-
-  def put(self, tree: Any) -> Any:
-    return jax.device_put(tree, self.model_sh)
-
-
-def init_group(model_cfg, train_cfg: Any, seeds: list[int], total_steps: int, k: int,
-               mesh: jax.sharding.Mesh) -> Group:
-  """One model per seed, each initialised exactly as `train.init_model` does for a single run, stacked; the
-  optimizer of `train.make_optimizer` with a unit peak learning rate (each model scales its own update)."""
-  model_sh = sharding.named(mesh, P("runs"))
-  rep = sharding.replicated(mesh)
-  one_mesh = sharding.make_mesh(devices=list(mesh.devices.flat)[:1])
-  inits = [train.init_model(model_cfg, one_mesh, seed) for seed in seeds]
-  graphdef = inits[0][0]
-  params = jax.device_put(_stack([p for _, p, _ in inits]), model_sh)
-  unit_train = ml_collections.ConfigDict({**train_cfg.to_dict(), "learning_rate": 1.0})
-  tx, schedule = train.make_optimizer(unit_train, total_steps)
-  opt_state = jax.jit(jax.vmap(tx.init), out_shardings=model_sh)(params)
-  return Group(params, opt_state, *make_group_steps(graphdef, tx, schedule, k, model_sh, rep), model_sh, rep)
-
-
-def _stacked_batches(datasets: list[mqar.MQARDataset], batch_size: int, seeds: list[int], epoch: int,
-                     start_step: int = 0, shuffle: bool = True, drop_remainder: bool = True):
-  iterators = [mqar.epoch_batches(ds, batch_size, seed=s, epoch=epoch, start_step=start_step,
-                                  shuffle=shuffle, drop_remainder=drop_remainder)
-               for ds, s in zip(datasets, seeds)]
-  for batches in zip(*iterators):
-    yield {key: np.stack([b[key] for b in batches]) for key in ("inputs", "labels", "weight")}
-
-
-def evaluate_group(eval_step, params_m, datasets: list[mqar.MQARDataset], batch_size: int,
-                   put) -> list[dict[str, Any]]:
-  """`zoo_jax.train.evaluate` for every model of a group, each on its own dataset (equal sizes)."""
-  n = len(datasets[0])
-  loss_sum = np.zeros(len(datasets))
-  tokens = np.zeros(len(datasets))
-  acc_parts, weight_parts = [], []
-  for batch in _stacked_batches(datasets, batch_size, [0] * len(datasets), 0, shuffle=False,
-                                drop_remainder=False):
-    m = jax.device_get(eval_step(params_m, put(batch)))
-    loss_sum += np.asarray(m["loss_sum"], np.float64)
-    tokens += np.asarray(m["tokens"], np.float64)
-    acc_parts.append(np.asarray(m["acc_b"]))
-    weight_parts.append(np.asarray(m["weight_b"]))
-  acc_mn = np.concatenate(acc_parts, axis=1)
-  weight_mn = np.concatenate(weight_parts, axis=1)
-  out = []
-  for i, ds in enumerate(datasets):
-    acc_n = acc_mn[i][weight_mn[i] > 0][:n]
-    out.append(dict(loss=float(loss_sum[i] / max(tokens[i], 1.0)), accuracy=float(acc_n.mean()),
-                    slices=train.slice_accuracies(acc_n, ds)))
-  return out
-
-
-def _runs_mesh(num_models: int, devices=None) -> jax.sharding.Mesh:
-  """A 1-D mesh ('runs',) over the most devices that divide the group's model count."""
+def runs_mesh(num_models: int, devices=None) -> jax.sharding.Mesh:
+  """A mesh whose `runs` axis spans the most devices that divide the group's model count."""
   devices = list(devices if devices is not None else jax.devices())
   n = max(d for d in range(1, len(devices) + 1) if num_models % d == 0)
-  return jax.make_mesh((n,), ("runs",), axis_types=(AxisType.Auto,), devices=devices[:n])
-
-
-# ---------------------------------------------------------------------------------------------- Group
+  return sharding.make_mesh(devices=devices[:n], runs=n)
 
 
 def train_group(runs: list[Run], group_dir: str, *, devices=None, label: str = "",
                 _kill_after_steps: int | None = None) -> list[dict[str, Any]]:
-  """Trains the runs of one group together; returns one results row per run. Resumes from group_dir."""
+  """Trains the runs of one group together (a population of the one core); returns one results row per
+  run. Resumes from group_dir."""
   shape = {_shape_key(r) for r in runs}
   if len(shape) != 1:
     raise ValueError("train_group: runs differ in more than learning rate and seed")
   config, model_cfg = config_lib.resolve(runs[0].config)
-  num_models = len(runs)
-  seeds = [r.seed for r in runs]
-  lrs = np.asarray([r.learning_rate for r in runs], np.float32)
-  mesh = _runs_mesh(num_models, devices)
-  os.makedirs(group_dir, exist_ok=True)
+  members = members_of(runs)
+  mesh = runs_mesh(len(runs), devices)
+  group_json = json.dumps([r.run_id + ":" + r.config_hash for r in runs], indent=1)
+  lock = checkpoint_lib.open_workdir(group_dir, group_json)
   start_time = time.time()
-
-  # Data, once per seed (runs that differ only in learning rate share it).
-  by_seed = {seed: {split: train.build_split(config, split, seed) for split in ("train", "validation", "test")}
-             for seed in sorted(set(seeds))}
-  split_sets = {split: [by_seed[s][split] for s in seeds] for split in ("train", "validation", "test")}
-  train_ds0 = split_sets["train"][0]
-  if len(train_ds0) < config.train.batch_size:
-    raise ValueError(f"train.batch_size ({config.train.batch_size}) exceeds the training examples "
-                     f"({len(train_ds0)})")
-  k = max(ds.max_labels_per_example for sets in split_sets.values() for ds in sets)
-  steps_per_epoch = mqar.steps_per_epoch(len(train_ds0), config.train.batch_size)
-  total_steps = steps_per_epoch * config.train.epochs
-  tokens_per_step = config.train.batch_size * train_ds0.inputs.shape[1]
-
-  group = init_group(model_cfg, config.train, seeds, total_steps, k, mesh)
-  params, opt_state, put = group.params, group.opt_state, group.put
-  train_step, eval_step, keep_best = group.train_step, group.eval_step, group.keep_best
-  step = jax.device_put(jnp.zeros((), jnp.int32), group.rep)
-  n_params = train.count_params(jax.tree.map(lambda x: x[0], params))
-  state_size = model_cfg.state_size()
-
-  ckpt_dir = os.path.abspath(os.path.join(group_dir, "checkpoints"))
-  manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-      max_to_keep=2, enable_async_checkpointing=True))
-  progress = dict(
-      run_ids=[r.run_id for r in runs], epoch=0, train_seconds=0.0, trained_steps=0,
-      models=[dict(best_accuracy=-1.0, best_epoch=-1, stopped_early=False, status="ok", history=[])
-              for _ in runs])
-  best_params = jax.tree.map(jnp.copy, params)
-  if manager.latest_step() is not None:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            dict(params=params, opt_state=opt_state, best_params=params, step=step))
-    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
-    if restored.progress["run_ids"] != progress["run_ids"]:
-      raise ValueError(f"{group_dir} holds a checkpoint of other runs ({restored.progress['run_ids']}); "
-                       "use a new workdir")
-    params, opt_state, best_params, step = (restored.state[k_] for k_ in
-                                            ("params", "opt_state", "best_params", "step"))
-    progress = restored.progress
-    print(f"{label}resumed at epoch {progress['epoch']}", flush=True)
-  writer = train._MetricsWriter(group_dir)  # pylint: disable=protected-access
-  models = progress["models"]
-
-  def active_mask() -> np.ndarray:
-    return np.asarray([not m["stopped_early"] and m["status"] == "ok" for m in models])
-
-  def save(step_value: int) -> None:
-    manager.save(step_value, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(dict(params=params, opt_state=opt_state, best_params=best_params,
-                                         step=step)),
-        progress=ocp.args.JsonSave(progress)))
-
-  lrs_dev = put(lrs)
-  steps_this_run = 0
+  task = tasks.MQARTask(config, [m.seed for m in members])
+  writer = trainer.MetricsWriter(group_dir)
   try:
-    while progress["epoch"] < config.train.epochs and active_mask().any():
-      epoch = progress["epoch"]
-      first = int(step) - epoch * steps_per_epoch
-      active = active_mask()
-      window_start, window = time.time(), []
-      for batch in _stacked_batches(split_sets["train"], config.train.batch_size, seeds, epoch, first):
-        params, opt_state, step, metrics = train_step(params, opt_state, step, lrs_dev, put(batch))
-        window.append(metrics)
-        steps_this_run += 1
-        if _kill_after_steps is not None and steps_this_run >= _kill_after_steps:
-          manager.wait_until_finished()
-          raise train._SimulatedKill(f"killed after {steps_this_run} steps")  # pylint: disable=protected-access
-      jax.block_until_ready(params)
-      elapsed = time.time() - window_start
-      progress["train_seconds"] += elapsed
-      progress["trained_steps"] += len(window)
-      losses = np.stack([np.asarray(m["loss"]) for m in jax.device_get(window)])  # (steps, models)
-      for i, m in enumerate(models):
-        if active[i] and not np.isfinite(losses[:, i]).all():
-          m["status"] = "diverged"
-          print(f"{label}{runs[i].run_id}: non-finite loss in epoch {epoch + 1}; retired, reported with its "
-                "best validation epoch so far", flush=True)
-
-      # Validation for every model; keep each one's best parameters (selection never looks at test).
-      val = evaluate_group(eval_step, params, split_sets["validation"], config.train.eval_batch_size, put)
-      improved = np.zeros(num_models, bool)
-      for i, (m, v) in enumerate(zip(models, val)):
-        if not active[i] or m["status"] != "ok":
-          continue
-        m["history"].append(dict(epoch=epoch + 1, accuracy=v["accuracy"], loss=v["loss"]))
-        if v["accuracy"] > m["best_accuracy"]:
-          m["best_accuracy"], m["best_epoch"] = v["accuracy"], epoch + 1
-          improved[i] = True
-        if v["accuracy"] > config.train.early_stop_accuracy:
-          m["stopped_early"] = True
-        writer.write(int(step), {"validation/loss": v["loss"], "validation/accuracy": v["accuracy"]},
-                     run_id=runs[i].run_id, epoch=epoch + 1)
-      best_params = keep_best(best_params, params, put(improved))
-      progress["epoch"] = epoch + 1
-      tok_s = len(window) * tokens_per_step * int(active.sum()) / max(elapsed, 1e-9)
-      accs = " ".join(f"{v['accuracy']:.3f}" if a else "  -  " for v, a in zip(val, active))
-      print(f"{label}epoch {epoch + 1}/{config.train.epochs}: validation accuracy [{accs}] "
-            f"({int(active.sum())} active, {tok_s:,.0f} tok/s over the group)", flush=True)
-      save(int(step))
-    manager.wait_until_finished()
+    run = trainer.train(task, model_cfg=model_cfg, train_cfg=config.train, members=members, mesh=mesh,
+                        checkpoint_dir=os.path.join(group_dir, "checkpoints"),
+                        hooks=trainer.Hooks(write=writer.write, label=label, kill_after_steps=_kill_after_steps))
+    test = task.evaluate(run.eval_step, run.state["best_params"], "test", run.shardings)
+    val_best = task.evaluate(run.eval_step, run.state["best_params"], "validation", run.shardings)
   finally:
     writer.close()
-
-  test = evaluate_group(eval_step, best_params, split_sets["test"], config.train.eval_batch_size, put)
-  val_best = evaluate_group(eval_step, best_params, split_sets["validation"], config.train.eval_batch_size,
-                            put)
+    lock.release()
+  progress = run.progress
+  state_size = model_cfg.state_size()
   wall = time.time() - start_time
   rows = []
-  for i, (run, m) in enumerate(zip(runs, models)):
-    best = next((h for h in m["history"] if h["epoch"] == m["best_epoch"]), None)
+  for i, (r, m) in enumerate(zip(runs, progress["models"])):
+    best = m["best"]
     trained = best is not None
     rows.append(dict(
-        run_id=run.run_id, group=run.group, mixer=run.mixer, d_model=run.d_model, seq_len=run.seq_len,
-        num_kv_pairs=run.num_kv_pairs, learning_rate=run.learning_rate, seed=run.seed,
+        run_id=r.run_id, group=r.group, mixer=r.mixer, d_model=r.d_model, seq_len=r.seq_len,
+        num_kv_pairs=r.num_kv_pairs, learning_rate=r.learning_rate, seed=r.seed,
         validation_accuracy=best["accuracy"] if trained else float("nan"),
         test_accuracy=test[i]["accuracy"] if trained else float("nan"),
         validation_loss=best["loss"] if trained else float("nan"),
         test_loss=test[i]["loss"] if trained else float("nan"),
         validation_slices=val_best[i]["slices"] if trained else {},
         test_slices=test[i]["slices"] if trained else {},
-        best_epoch=m["best_epoch"], epochs_run=len(m["history"]), stopped_early=m["stopped_early"],
-        status=m["status"], state_size=state_size, num_params=n_params, group_size=num_models,
+        best_epoch=best["epoch"] if trained else -1, epochs_run=len(m["history"]),
+        stopped_early=m["status"] == "stopped", status="diverged" if m["status"] == "diverged" else "ok",
+        state_size=state_size, num_params=run.num_params, group_size=len(runs),
         train_seconds=progress["train_seconds"], wall_seconds=wall,
-        tokens_per_sec=progress["trained_steps"] * tokens_per_step / max(progress["train_seconds"], 1e-9),
-        backend=jax.default_backend(), config_hash=run.config_hash))
+        tokens_per_sec=progress["trained_steps"] * task.tokens_per_step / max(progress["train_seconds"], 1e-9),
+        backend=jax.default_backend(), config_hash=r.config_hash))
   return rows
 
 
@@ -512,7 +309,7 @@ def train_group(runs: list[Run], group_dir: str, *, devices=None, label: str = "
 def run_sweep(config: Any, workdir: str, *, devices=None) -> list[dict[str, Any]]:
   """Trains every run of the sweep not yet in `<workdir>/results.csv`; returns all rows of the table."""
   runs = expand_grid(config)
-  max_group_size = config_lib._as_dict(config)["sweep"].get("max_group_size", 0)  # pylint: disable=protected-access
+  max_group_size = config_lib.as_dict(config)["sweep"].get("max_group_size", 0)
   os.makedirs(workdir, exist_ok=True)
   results_path = os.path.join(workdir, "results.csv")
   done = {row["run_id"]: row for row in read_results(results_path)}

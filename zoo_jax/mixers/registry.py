@@ -47,7 +47,7 @@ class MixerSpec:
 _REGISTRY: dict[str, MixerSpec] = {}
 
 # A mixer may add a term to the training loss by sowing it: `self.sow(nnx.Intermediate, AUX_LOSS, value)`.
-# `zoo_jax.train.loss_and_metrics` adds every sown value to the task loss and logs their sum as 'aux_loss'.
+# `zoo_jax.trainer.loss_and_metrics` adds every sown value to the task loss and logs their sum as 'aux_loss'.
 AUX_LOSS = "aux_loss"
 
 

@@ -276,7 +276,7 @@ class SparseAttention(Attention):
         except flax.errors.TraceContextError:
           # Called under a transform that closed over the module (e.g. `jax.jit(lambda x: model(x))`), where
           # NNX forbids mutating it: nothing can collect the loss there. Training merges the model inside its
-          # step (zoo_jax.train.loss_and_metrics), where the sow works.
+          # step (zoo_jax.trainer.loss_and_metrics), where the sow works.
           pass
     out_bkd = self.out_proj(y_bkd)
     return jnp.zeros((b, l, d), out_bkd.dtype).at[rows_b1, positions_bk].set(out_bkd, mode="drop")
