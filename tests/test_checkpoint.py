@@ -132,8 +132,8 @@ def non_finite(step_dir):
   """Step 2 rewritten by Orbax directly with a NaN in a parameter and a record that matches its bytes."""
   state = make_state(2)
   state["params"]["b"] = state["params"]["b"].at[3].set(jnp.nan)
-  records, _ = checkpoint_lib._checksums(state)  # pylint: disable=protected-access
-  record = dict(format=checkpoint_lib._FORMAT, leaves=records)  # pylint: disable=protected-access
+  records, _ = checkpoint_lib.checksums(state)
+  record = dict(format=checkpoint_lib.CHECKSUM_FORMAT, leaves=records)
   progress = {**progress_of(2), checkpoint_lib.CHECKSUMS_KEY: record}
   shutil.rmtree(step_dir)
   manager = ocp.CheckpointManager(os.path.dirname(step_dir))
@@ -281,8 +281,8 @@ state, _, step = ckpt.restore(like)
 ckpt.close()
 assert step == 1 and state["w"].sharding == like["w"].sharding
 np.testing.assert_array_equal(state["w"], w)
-one_device = checkpoint._checksums(jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), saved))[0]
-assert one_device == checkpoint._checksums(saved)[0] == checkpoint._checksums(state)[0]
+one_device = checkpoint.checksums(jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), saved))[0]
+assert one_device == checkpoint.checksums(saved)[0] == checkpoint.checksums(state)[0]
 print("ok")
 """
 
@@ -370,7 +370,7 @@ def fail_in_flight_save(ckpt, monkeypatch):
   """As if the background write of the last save had failed (disk full): Orbax's wait raises."""
   def wait_until_finished():
     raise OSError("No space left on device")
-  monkeypatch.setattr(ckpt._manager, "wait_until_finished", wait_until_finished)  # pylint: disable=protected-access
+  monkeypatch.setattr(ckpt._manager, "wait_until_finished", wait_until_finished)
 
 
 def test_close_reports_a_failed_save_on_one_line(tmp_path, monkeypatch):

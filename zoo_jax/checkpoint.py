@@ -83,7 +83,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKSUMS_KEY = "_checksums"  # reserved key of the progress JSON
-_FORMAT = "zoo_jax.checkpoint/1"
+CHECKSUM_FORMAT = "zoo_jax.checkpoint/1"
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's atomicity_types.TMP_DIR_SUFFIX (POSIX: atomic rename)
 _STEP_RE = re.compile(r"^(0|[1-9]\d*)$")  # Orbax's standard step names (no prefix, no padding)
 _TMP_RE = re.compile(r"^(0|[1-9]\d*)" + re.escape(_TMP_SUFFIX))
@@ -247,7 +247,7 @@ def _spec(leaf) -> list:
   return [[int(n) for n in leaf.shape], str(leaf.dtype)]
 
 
-def _checksums(state) -> tuple[dict[str, list], list[str]]:
+def checksums(state) -> tuple[dict[str, list], list[str]]:
   """({leaf name: [shape, dtype, checksum]}, names of float leaves holding a non-finite value)."""
   checksums, finite = jax.device_get(_digest(state))
   records, non_finite = {}, []
@@ -327,7 +327,7 @@ class Checkpointer:
       raise ValueError(f"progress must be a dict, got {type(progress).__name__}")
     if CHECKSUMS_KEY in progress:
       raise ValueError(f"progress must not hold the key {CHECKSUMS_KEY!r} (the checkpoint's own record)")
-    records, non_finite = _checksums(state)
+    records, non_finite = checksums(state)
     if non_finite:
       raise CheckpointError(f"step {step} not saved: non-finite values in state leaves {_names(non_finite)}")
     self.wait()
@@ -336,7 +336,7 @@ class Checkpointer:
     if existing:
       raise CheckpointError(f"step {step} not saved: {self.directory} already holds step "
                             f"{max(existing)}; a run saves steps in increasing order")
-    record = {**progress, CHECKSUMS_KEY: dict(format=_FORMAT, leaves=records)}
+    record = {**progress, CHECKSUMS_KEY: dict(format=CHECKSUM_FORMAT, leaves=records)}
     saved = self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                              progress=ocp.args.JsonSave(record)))
     if not saved:  # Orbax's own step list disagrees with the directory: never drop a save silently
@@ -409,9 +409,9 @@ class Checkpointer:
     if why:
       return f"progress unreadable: {why}"
     record = progress.get(CHECKSUMS_KEY) if isinstance(progress, dict) else None
-    expected = record.get("leaves") if isinstance(record, dict) and record.get("format") == _FORMAT else None
+    expected = record.get("leaves") if isinstance(record, dict) and record.get("format") == CHECKSUM_FORMAT else None
     if not isinstance(expected, dict) or not all(isinstance(v, list) and len(v) == 3 for v in expected.values()):
-      return f"progress holds no {CHECKSUMS_KEY} record of format {_FORMAT}"
+      return f"progress holds no {CHECKSUMS_KEY} record of format {CHECKSUM_FORMAT}"
     like_leaves = _leaves(like)
     names = [name for name, _ in like_leaves]
     if sorted(names) != sorted(expected):
@@ -425,7 +425,7 @@ class Checkpointer:
     state, why = self._read(step, state=ocp.args.StandardRestore(abstract))
     if why:
       return f"arrays unreadable: {why}"
-    got, non_finite = _checksums(state)
+    got, non_finite = checksums(state)
     if non_finite:
       return f"non-finite values in {_names(non_finite)}"
     corrupted = [name for name in names if got[name][2] != expected[name][2]]
@@ -472,6 +472,10 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except  # a failed save was reported by wait() above
         logging.info("closing the checkpoint manager: %s", _one_line(e))
 
+  @property
+  def closed(self) -> bool:
+    return self._closed
+
   def __enter__(self) -> "Checkpointer":
     return self
 
@@ -482,7 +486,7 @@ class Checkpointer:
 def _close_at_exit(ref: "weakref.ref[Checkpointer]") -> None:
   """Closes a checkpointer its caller left open (interpreter exit; see Checkpointer.__init__)."""
   checkpointer = ref()
-  if checkpointer is not None and not checkpointer._closed:  # pylint: disable=protected-access
+  if checkpointer is not None and not checkpointer.closed:
     try:
       checkpointer.close()
     except CheckpointError as e:

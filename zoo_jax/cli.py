@@ -153,8 +153,19 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
 
 
 def run(main, argv: list[str] | None = None) -> None:
-  """`absl.app.run(main)` whose flag errors are one `error: ...` line on stderr (see `parse_flags`)."""
-  app.run(main, argv=argv, flags_parser=parse_flags)
+  """`absl.app.run(main)` whose flag errors are one `error: ...` line on stderr (see `parse_flags`), as are
+  the errors a run reports about its input or its workdir: a ValueError (bad config or data, raised before
+  anything is written), a `checkpoint.CheckpointError` (workdir locked, config.json of another run, every
+  checkpoint damaged) and a `trainer.NonFiniteLossError` (it names the last good checkpoint)."""
+  from zoo_jax import checkpoint, trainer  # pylint: disable=g-import-not-at-top
+
+  def guarded(argv_):
+    try:
+      return main(argv_)
+    except (ValueError, checkpoint.CheckpointError, trainer.NonFiniteLossError) as e:
+      sys.exit(f"error: {' '.join(str(e).split())}")
+
+  app.run(guarded, argv=argv, flags_parser=parse_flags)
 
 
 def load_module(path: str) -> types.ModuleType:
