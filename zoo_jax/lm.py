@@ -33,7 +33,6 @@ import os
 import time
 from typing import Any
 
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -75,8 +74,9 @@ def corpus_name(cfg: Any) -> str:
   return os.path.basename(os.path.normpath(os.path.expanduser(cfg.data.manual_dir))) or "corpus"
 
 
-def prepare_data(cfg: Any) -> dict[str, Any]:
-  """{split: source}: writes the embedded corpus's shards if needed, then builds (or reuses) array_record."""
+def prepare_data(cfg: Any, log=print) -> dict[str, Any]:
+  """{split: source}: writes the embedded corpus's shards if needed, then builds (or reuses) array_record;
+  `log` gets the one line saying which cache is used (or built)."""
   data_dir = os.path.expanduser(cfg.data.data_dir)
   manual_dir = os.path.expanduser(cfg.data.manual_dir)
   if not manual_dir:
@@ -85,7 +85,7 @@ def prepare_data(cfg: Any) -> dict[str, Any]:
     if not os.path.exists(os.path.join(manual_dir, "val.jsonl.zst")):
       text.write_shakespeare(manual_dir, plays)
   return text.build(manual_dir, corpus=corpus_name(cfg), tokenizer=cfg.data.tokenizer, seq_len=cfg.data.seq_len,
-                    data_dir=data_dir, subsets=tuple(cfg.data.subsets))
+                    data_dir=data_dir, subsets=tuple(cfg.data.subsets), log=log)
 
 
 def iter_rows(source, chunk: int = 1024):
@@ -145,19 +145,14 @@ def train_lm(config: Any, workdir: str, *, _kill_after_steps: int | None = None,
 def _train(cfg, model_cfg, tok, mesh, workdir: str, lead: bool, kill_after_steps, record_batches):
   start_time = time.time()
   # Input: process 0 builds the array_record files, the others wait and read them.
-  t0 = time.time()
   if lead:
     sources = prepare_data(cfg)
   _sync("data built")
   if not lead:
-    sources = prepare_data(cfg)
-  train_src, valid_src = sources["train"], sources.get("validation")
-  if valid_src is None:
-    raise ValueError(f"data.manual_dir {cfg.data.manual_dir}: no validation shards (val*.jsonl.zst)")
+    sources = prepare_data(cfg, log=lambda line: None)
+  train_src, valid_src = sources["train"], sources["validation"]
   if len(train_src) < cfg.train.batch_size:
     raise ValueError(f"train.batch_size ({cfg.train.batch_size}) exceeds the training rows ({len(train_src)})")
-  logging.info("data: %d train / %d validation rows of %d tokens in %.1fs", len(train_src), len(valid_src),
-               cfg.data.seq_len, time.time() - t0)
   member = trainer.Member("run", cfg.seed, cfg.train.learning_rate, cfg.train.weight_decay)
   task = tasks.LMTask(cfg, train_src, valid_src, [member.seed])
   task.record_batches = record_batches
