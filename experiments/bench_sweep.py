@@ -23,6 +23,7 @@ from zoo_jax import sharding
 from zoo_jax import sweep
 from zoo_jax import tasks
 from zoo_jax import trainer
+from zoo_jax.configs import figure2
 
 MIXERS = {"base_conv": {"name": "base_conv", "kernel_size": [3, -1]}, "attention": {"name": "attention"}}
 _MIXER = flags.DEFINE_enum("mixer", "base_conv", list(MIXERS), "Mixer of every run.")
@@ -41,10 +42,10 @@ def _config() -> dict:
                     learned_positions=_MIXER.value == "attention")
   c["train"].update(batch_size=_BATCH.value, epochs=1)
   n = (_STEPS.value + 2) * _BATCH.value
-  c["sweep"] = dict(mixers={_MIXER.value: {}}, d_model=[_D_MODEL.value],
-                    lengths=[dict(seq_len=_SEQ_LEN.value, num_kv_pairs=_SEQ_LEN.value // 8, train_examples=n,
-                                  eval_examples=_BATCH.value)],
-                    learning_rate=[float(x) for x in _LRS.value], seed=[int(x) for x in _SEEDS.value])
+  length = (_SEQ_LEN.value, _SEQ_LEN.value // 8)
+  c["runs"] = {f"{_MIXER.value}-d{_D_MODEL.value}-L{length[0]}-kv{length[1]}":
+               dict(data=figure2.data(*length, train_examples=n, eval_examples=_BATCH.value))}
+  c["sweep"] = dict(learning_rate=[float(x) for x in _LRS.value], seed=[int(x) for x in _SEEDS.value])
   return c
 
 

@@ -3,7 +3,8 @@ r"""The paper's Figure 2: MQAR accuracy against width, one panel per sequence le
   python experiments/figure2.py --workdir=/tmp/zoo_jax_figure2                 # scale=cpu, ~45 min, 2 cores
   python experiments/figure2.py --scale=paper --workdir=/data/figure2          # Zoology's 448-run grid
 
-The grids are in `experiments/configs/figure2.py`; `experiments/sweep.py --config=...figure2.py:cpu` runs the
+The grids are Python in `zoo_jax/configs/figure2.py` (the `runs` of a sweep config, shimmed as
+`experiments/configs/figure2.py`); `experiments/sweep.py --config=...figure2.py:cpu` runs the
 same sweep with `--config.*` overrides. Writes results.csv, figure2.{png,pdf}, state_tradeoff.{png,pdf}
 and best.md into the workdir; rerunning resumes (finished runs are skipped).
 """
@@ -15,6 +16,7 @@ import time
 from absl import flags
 from absl import logging
 
+from zoo_jax import cli
 from zoo_jax import sweep
 from zoo_jax import sweep_plots
 from zoo_jax.configs import figure2 as figure2_configs

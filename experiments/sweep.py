@@ -7,7 +7,8 @@ r"""Runs a sweep (a grid of MQAR runs, trained vmapped in groups) and writes its
 Writes `<workdir>/results.csv` (one row per run; rerunning skips finished runs and resumes unfinished
 groups), `<workdir>/figure2.{png,pdf}` (accuracy vs width, a panel per sequence length, learning rate chosen
 on validation, test accuracy plotted), `<workdir>/state_tradeoff.{png,pdf}` and `<workdir>/best.md` (the
-plotted numbers). See `zoo_jax/sweep.py` for the config's `sweep` section.
+plotted numbers). A sweep config is a run config with `runs` (the grid, built in Python in the config
+file) and a `sweep` section (learning rates × seeds, trained together); see `zoo_jax/sweep.py`.
 """
 
 import os

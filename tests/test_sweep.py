@@ -1,12 +1,14 @@
-"""Sweeps: grid expansion, vmapped groups equal to single runs, restart and resume, and the plots."""
+"""Sweeps: runs × learning rates × seeds, vmapped groups equal to single runs, restart and resume, and the plots."""
 
 import copy
 import csv
 import os
 
+from absl import flags
 import numpy as np
 import pytest
 
+from zoo_jax import cli
 from zoo_jax import config as config_lib
 from zoo_jax import sweep
 from zoo_jax import sweep_plots
@@ -15,17 +17,21 @@ from zoo_jax import trainer
 from zoo_jax.configs import figure2
 from zoo_jax.configs import tradeoff
 
-ATTENTION = {"model": {"mixer": {"name": "attention"}}}
+ATTENTION = {"mixer": {"name": "attention"}}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _sweep_config(**sweep_overrides) -> dict:
+def _run(seq_len=16, num_kv_pairs=2, model=ATTENTION, train_examples=256, eval_examples=50) -> dict:
+  return {"model": model, "data": figure2.data(seq_len, num_kv_pairs, train_examples, eval_examples)}
+
+
+def _sweep_config(runs=None, **sweep_overrides) -> dict:
   c = config_lib.defaults().to_dict()
   c["data"]["vocab_size"] = 32
   c["model"]["d_model"] = 16
   c["train"].update(epochs=2, batch_size=16, eval_batch_size=50, log_every_steps=1000)
-  c["sweep"] = dict(mixers={"attention": ATTENTION}, d_model=[16],
-                    lengths=[dict(seq_len=16, num_kv_pairs=2, train_examples=256, eval_examples=50)],
-                    learning_rate=[1e-3, 3e-3], seed=[0, 1])
+  c["runs"] = {"attention-d16-L16-kv2": _run()} if runs is None else runs
+  c["sweep"] = dict(learning_rate=[1e-3, 3e-3], seed=[0, 1])
   c["sweep"].update(sweep_overrides)
   return c
 
@@ -33,16 +39,18 @@ def _sweep_config(**sweep_overrides) -> dict:
 # ---------------------------------------------------------------------------------------------- Grid
 
 
-def test_grid_is_the_full_product_with_lengths_and_markers_applied():
-  h3 = {"model": {"mixer": {"name": "h3", "d_state": "${seq_len}", "head_dim": 2}}}
-  c = _sweep_config(mixers={"attention": ATTENTION, "h3": h3}, d_model=[16, 32],
-                    lengths=[dict(seq_len=16, num_kv_pairs=2, train_examples=64, eval_examples=10),
-                             dict(seq_len=24, num_kv_pairs=4, train_examples=32, eval_examples=10, batch_size=8)])
+def test_every_run_trains_at_every_learning_rate_and_seed():
+  def models(seq_len):  # H3's d_state is L, computed in Python
+    return {"attention": ATTENTION, "h3": {"mixer": {"name": "h3", "d_state": seq_len, "head_dim": 2}}}
+
+  runs = figure2.grid(models, ("attention", "h3"), (16, 32), ((16, 2, 64, 10, None), (24, 4, 32, 10, 8)))
+  c = _sweep_config(runs)
   runs = sweep.expand_grid(c)
   assert len(runs) == 2 * 2 * 2 * 2 * 2
   assert len({r.run_id for r in runs}) == len(runs)
   by_id = {r.run_id: r for r in runs}
   run = by_id["h3-d32-L24-kv4-lr3.00e-03-s1"]
+  assert (run.group, run.mixer, run.d_model, run.seq_len, run.num_kv_pairs) == ("h3-d32-L24-kv4", "h3", 32, 24, 4)
   assert run.config["model"]["mixer"] == {"name": "h3", "d_state": 24, "head_dim": 2}
   assert run.config["model"]["d_model"] == 32 and run.config["seed"] == 1
   assert run.config["train"]["learning_rate"] == 3e-3 and run.config["train"]["batch_size"] == 8
@@ -57,30 +65,61 @@ def test_grid_is_the_full_product_with_lengths_and_markers_applied():
   assert [len(g) for g in sweep.group_runs(runs, max_group_size=3)] == [3, 1] * 8
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(learning_rate=[]), "sweep.learning_rate must be a non-empty list"),
-    (dict(learning_rate=[1e-3, -1.0]), "sweep.learning_rate entries must be positive"),
-    (dict(seed=[0, 0]), "sweep.seed has repeated entries"),
-    (dict(d_model=[16.5]), "sweep.d_model entries must be positive ints"),
-    (dict(lengths=[dict(seq_len=16, num_kv_pairs=2, train_examples=64)]), "sweep.lengths[0].eval_examples is missing"),
-    (dict(lengths=[dict(seq_len=16, num_kv_pairs=2, train_examples=64, eval_examples=8, epochs=3)]),
-     "sweep.lengths[0].epochs is not a length key"),
-    (dict(lengths=[dict(seq_len=16, num_kv_pairs=5, train_examples=64, eval_examples=8)]),
-     "sweep point attention-d16-L16-kv5-lr1.00e-03-s0: data.train_segments[0]"),
-    (dict(mixers={"x": {"model": {"mixer": {"name": "nope"}}}}), "sweep point x-d16-L16-kv2"),
-    (dict(mixers={"x": {"modle": {}}}), "sweep.mixers.x.modle"),
-    (dict(max_group_size=-1), "sweep.max_group_size must be an integer >= 0"),
-    (dict(grid=1), "sweep.grid is not a sweep key"),
+def test_the_mixer_column_is_the_run_name_up_to_its_first_dash():
+  runs = sweep.expand_grid(_sweep_config({"base_conv-wide-L16": _run(model={
+      "mixer": {"name": "base_conv", "kernel_size": [3, -1]}, "d_model": 32}), "attention": _run()}))
+  assert {(r.group, r.mixer, r.d_model) for r in runs} == {("base_conv-wide-L16", "base_conv", 32),
+                                                           ("attention", "attention", 16)}
+
+
+@pytest.mark.parametrize("runs, overrides, message", [
+    (None, dict(learning_rate=[]), "sweep.learning_rate must be a non-empty list"),
+    (None, dict(learning_rate=[1e-3, -1.0]), "sweep.learning_rate entries must be positive"),
+    (None, dict(learning_rate=[1e-3, 20.0]), "sweep.learning_rate[1]: train.learning_rate must be"),
+    (None, dict(learning_rate=[1e-3, 1.0004e-3]), "collide in run ids"),
+    (None, dict(seed=[0, 0]), "sweep.seed has repeated entries"),
+    (None, dict(seed=[2**31]), "sweep.seed[0]: seed must be"),
+    (None, dict(max_group_size=-1), "sweep.max_group_size must be an integer >= 0"),
+    (None, dict(grid=1), "sweep.grid is not a sweep key"),
+    (None, dict(mixers={"attention": {}}),
+     "sweep.mixers no longer exists: the grid is now Python in the config's `runs`"),
+    (None, dict(d_model=[16]), "sweep.d_model no longer exists: the grid is now Python"),
+    (None, dict(lengths=[]), "sweep.lengths no longer exists: the grid is now Python"),
+    ({}, {}, "runs is missing from the sweep config"),
+    ({"attention-d16-L16-kv5": _run(num_kv_pairs=5)}, {},
+     "sweep run attention-d16-L16-kv5: data.train_segments[0]"),
+    ({"x": {"model": {"mixer": {"name": "nope"}}}}, {}, "sweep run x: "),
+    ({"x": {"modle": {}}}, {}, "runs.x.modle is not a config key"),
+    ({"x": {"train": {"learning_rate": 1e-3}}}, {}, "runs.x.train.learning_rate: a sweep run may not set it"),
+    ({"x": {"seed": 3}}, {}, "runs.x.seed: a sweep run may not set it; sweep.seed sets it"),
+    ({"-d16": _run()}, {}, "runs.-d16: a sweep run name is '<mixer label>-<rest>'"),
+    ({"a/b": _run()}, {}, "runs.a/b: a sweep run name is"),
+    ({"x": 3}, {}, "runs.x must be a partial run config"),
 ])
-def test_bad_sweeps_fail_in_one_line_naming_the_field(overrides, message):
+def test_bad_sweeps_fail_in_one_line_naming_the_run_or_axis(runs, overrides, message):
   with pytest.raises(ValueError) as e:
-    sweep.expand_grid(_sweep_config(**overrides))
+    sweep.expand_grid(_sweep_config(runs, **overrides))
   assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_config_without_a_sweep_section_is_refused():
   with pytest.raises(ValueError, match="sweep is missing"):
     sweep.expand_grid(config_lib.defaults())
+
+
+def test_a_sweep_config_is_not_expanded_as_single_runs():
+  with pytest.raises(ValueError, match=r"^sweep: this is a sweep config .* run it with experiments/sweep.py"):
+    config_lib.expand_runs(figure2.get_config("cpu"))
+
+
+def test_the_readme_overrides_of_the_population_axes_parse():
+  argv = ["sweep.py", f"--config={REPO}/experiments/configs/figure2.py:cpu", "--config.sweep.seed=[0,1,2]",
+          "--config.sweep.learning_rate=[1e-3]"]
+  flag_values = flags.FlagValues()
+  holder = cli.define_config_flag(f"{REPO}/experiments/configs/figure2.py", flag_values=flag_values, sys_argv=argv)
+  cli.parse_flags(argv, flag_values)
+  runs = sweep.expand_grid(holder.value)
+  assert {(r.learning_rate, r.seed) for r in runs} == {(1e-3, 0), (1e-3, 1), (1e-3, 2)} and len(runs) == 8 * 3
 
 
 # ---------------------------------------------------------------------------------------------- Training

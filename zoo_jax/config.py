@@ -498,9 +498,13 @@ def expand_runs(config: Any) -> dict[str, dict]:
   `runs` maps a run name to a partial config deep-merged into the base config, e.g. `{'attention':
   {'model': {'mixer': {'name': 'attention'}, 'learned_positions': True}}}` (a `mixer` is replaced whole,
   not merged); without `runs` the config is one run named 'run'. Every run is checked here (`resolve`), so
-  a bad run fails before any of them trains.
+  a bad run fails before any of them trains. A sweep config (one with a `sweep` section) is refused: its runs
+  are expanded by `zoo_jax.sweep.expand_grid` (each × sweep.learning_rate × sweep.seed).
   """
   base = as_dict(config)
+  if "sweep" in base:
+    raise ValueError("sweep: this is a sweep config (its runs × sweep.learning_rate × sweep.seed); run it with "
+                     "experiments/sweep.py, not as single runs")
   runs = base.pop("runs", None)
   if not runs:
     validate(base)

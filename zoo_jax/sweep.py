@@ -1,35 +1,42 @@
-r"""Sweeps: a grid of MQAR runs, trained in groups of many models per jitted step, one results table.
+r"""Sweeps: many MQAR runs, trained in groups of many models per jitted step, one results table.
 
-A sweep config is a run config (`zoo_jax.config.defaults()`) plus a `sweep` section that spans the grid
+A sweep config is a run config (`zoo_jax.config.defaults()`: the base) plus two sections:
 
-    mixer × d_model × (seq_len, num_kv_pairs) × learning_rate × seed
-
-    sweep.mixers         {name: partial run config}, e.g. {'attention': {'model': {'mixer': {...}}}}; a
-                         value '${seq_len}' anywhere in it becomes the run's sequence length (H3's d_state)
-    sweep.d_model        [64, 128, ...]
-    sweep.lengths        [{seq_len, num_kv_pairs, train_examples, eval_examples[, batch_size]}, ...]
-                         (validation and test each get eval_examples examples; batch_size overrides
-                         train.batch_size at that length, as the paper halves it for long sequences)
-    sweep.learning_rate  [1e-4, ...]
-    sweep.seed           [0, ...]
+    runs                 {run name: partial run config}, each deep-merged into the base (a `mixer` is
+                         replaced whole), as `config.expand_runs` merges the runs of `configs/mqar.py`. The
+                         grid is ordinary Python in the config file: loops over mixers × widths × lengths
+                         that write each run's model, data segments and batch size into its partial (see
+                         `zoo_jax/configs/figure2.py`, after Zoology's own configs, which are lists of runs).
+    sweep.learning_rate  [1e-4, ...]   the population axes: every run is trained at every learning rate
+    sweep.seed           [0, ...]      and seed, the models of a run together (below); tuples in a config
+                                       file, so `--config.sweep.seed='[0,1,2]'` overrides them
     sweep.max_group_size 0 (no limit) or the most models one jitted step trains at once
 
-Runs whose configs agree in everything but learning rate and seed form a *group*, trained together as
-one population of the training core (`zoo_jax.trainer`): the same jitted step as a single run, vmapped
-over a leading model axis, each model with its own parameters, optimizer state, data order (its seed) and
-learning rate (an injected optimizer hyperparameter). Each model follows exactly the protocol of
-`zoo_jax.train.train_and_evaluate` (a single run is a population of one): same initialisation, batches,
-schedule, per-epoch validation, selection on validation, early stop above `train.early_stop_accuracy`,
-test evaluated once with the best parameters. A model that stops early is retired (its updates masked,
-its best parameters final) while the rest of its group trains on, and a model whose loss turns
-non-finite is retired the same way and reported with status 'diverged', without stopping its group. With
-several devices the model axis of a group is split over them (the mesh's `runs` axis).
+A run name is `<mixer label>-<rest>`, e.g. `attention-d64-L64-kv4`: the results table's `mixer` column is
+the name up to its first `-` (letters, digits and `_` between the dashes). Each run × learning rate × seed
+is one model, `<run name>-lr<lr:.2e>-s<seed>`, whose full config is validated (`config.validate`) before
+anything trains; its `d_model` and `(seq_len, num_kv_pairs)` (of the first training segment) are columns of
+the table. A run may not set `seed` or `train.learning_rate`: the sweep sets them. Runs train in the
+order of their names (a ConfigDict keeps its keys sorted).
 
-Output, in the sweep's workdir: `results.csv` (one row per finished run, appended when its group
+The models of one run (its learning rates × seeds; `group_runs`: models whose configs agree in all but
+learning rate and seed) form a *group*, trained together as one population of the training core
+(`zoo_jax.trainer`): the same jitted step as a single run, vmapped over a leading model axis, each model
+with its own parameters, optimizer state, data order (its seed) and learning rate (an injected optimizer
+hyperparameter). Each model follows exactly the protocol of `zoo_jax.train.train_and_evaluate` (a single
+run is a population of one): same initialisation, batches, schedule, per-epoch validation, selection on
+validation, early stop above `train.early_stop_accuracy`, test evaluated once with the best parameters. A
+model that stops early is retired (its updates masked, its best parameters final) while the rest of its
+group trains on, and a model whose loss turns non-finite is retired the same way and reported with status
+'diverged', without stopping its group. With several devices the model axis of a group is split over them
+(the mesh's `runs` axis).
+
+Output, in the sweep's workdir: `results.csv` (one row per finished model, appended when its group
 finishes), `groups/<group>/` (metrics.jsonl, Orbax checkpoints of the whole group after every epoch). A
-sweep restarted in the same workdir skips runs already in `results.csv` (matched by run id and a hash of
-the run's full config: a changed config under an existing run id is refused) and resumes unfinished groups
-from their last checkpoint; extending the grid (more learning rates, widths, ...) trains only the new runs.
+sweep restarted in the same workdir skips models already in `results.csv` (matched by run id and a hash of
+the model's full config: a changed config under an existing run id is refused) and resumes unfinished
+groups from their last checkpoint; extending the sweep (more runs, learning rates, seeds) trains only the
+new models.
 
 Differences from Zoology: one process trains many models (Zoology launches one process per run); learning
 rate is chosen on validation accuracy (Zoology reports its best test accuracy over learning rates, which
@@ -42,6 +49,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from typing import Any
 
@@ -54,8 +62,9 @@ from zoo_jax import sharding
 from zoo_jax import tasks
 from zoo_jax import trainer
 
-SEQ_LEN_MARKER = "${seq_len}"
-LENGTH_KEYS = ("seq_len", "num_kv_pairs", "train_examples", "eval_examples", "batch_size")
+POPULATION_KEYS = ("learning_rate", "seed", "max_group_size")
+GRID_KEYS = ("mixers", "d_model", "lengths")  # the grid language a `sweep` section held before `runs`
+RUN_NAME = re.compile(r"\w+(-\w+)*")
 RESULT_COLUMNS = (
     "run_id", "group", "mixer", "d_model", "seq_len", "num_kv_pairs", "learning_rate", "seed",
     "validation_accuracy", "test_accuracy", "validation_loss", "test_loss", "validation_slices",
@@ -65,12 +74,13 @@ RESULT_COLUMNS = (
 
 
 def sweep_defaults() -> dict[str, Any]:
-  return dict(mixers={}, d_model=[], lengths=[], learning_rate=[], seed=[0], max_group_size=0)
+  return dict(learning_rate=[], seed=[0], max_group_size=0)
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """One point of the grid: its id, its full single-run config, and the grid coordinates."""
+  """One model of a sweep: its id, its group (the run name), its full single-run config, and the
+  coordinates the results table records."""
   run_id: str
   group: str
   config: dict
@@ -89,14 +99,6 @@ class Run:
 # ---------------------------------------------------------------------------------------------- Grid
 
 
-def _substitute(tree: Any, seq_len: int) -> Any:
-  if isinstance(tree, dict):
-    return {k: _substitute(v, seq_len) for k, v in tree.items()}
-  if isinstance(tree, list):
-    return [_substitute(v, seq_len) for v in tree]
-  return seq_len if tree == SEQ_LEN_MARKER else tree
-
-
 def _check_list(values: Any, field: str, kind: type, positive: bool = True) -> list:
   if not isinstance(values, (list, tuple)) or not values:
     raise ValueError(f"{field} must be a non-empty list, got {values!r}")
@@ -110,74 +112,79 @@ def _check_list(values: Any, field: str, kind: type, positive: bool = True) -> l
   return list(values)
 
 
-def expand_grid(config: Any) -> list[Run]:
-  """Every run of a sweep config, validated (a bad point fails here, naming it, before anything trains)."""
-  base = json.loads(json.dumps(config_lib.as_dict(config)))
-  sweep = base.pop("sweep", None)
-  base.pop("runs", None)
+def population(config: Any) -> dict[str, Any]:
+  """The checked `sweep` section of a sweep config: {learning_rate: [float], seed: [int], max_group_size}."""
+  sweep = config_lib.as_dict(config).get("sweep")
   if not sweep:
-    raise ValueError("sweep is missing from the config: a sweep config needs a `sweep` section "
-                     f"with keys {sorted(sweep_defaults())}")
+    raise ValueError("sweep is missing from the config: a sweep config is a run config with `runs` ({run name: "
+                     f"partial run config}}) and a `sweep` section with keys {list(POPULATION_KEYS)}")
+  if not isinstance(sweep, dict):
+    raise ValueError(f"sweep must be a section with keys {list(POPULATION_KEYS)}, got {sweep!r}")
   for key in sweep:
-    if key not in sweep_defaults():
-      raise ValueError(f"sweep.{key} is not a sweep key; accepted: {sorted(sweep_defaults())}")
+    if key in GRID_KEYS:
+      raise ValueError(f"sweep.{key} no longer exists: the grid is now Python in the config's `runs` ({{run name: "
+                       "partial run config}, built by loops in the config file as zoo_jax/configs/figure2.py "
+                       f"does); `sweep` holds only {list(POPULATION_KEYS)}")
+    if key not in POPULATION_KEYS:
+      raise ValueError(f"sweep.{key} is not a sweep key; accepted: {list(POPULATION_KEYS)}")
   sweep = {**sweep_defaults(), **sweep}
-  if not isinstance(sweep["mixers"], dict) or not sweep["mixers"]:
-    raise ValueError("sweep.mixers must map at least one run name to a partial run config")
-  widths = _check_list(sweep["d_model"], "sweep.d_model", int)
-  rates = _check_list(sweep["learning_rate"], "sweep.learning_rate", float)
+  rates = [float(lr) for lr in _check_list(sweep["learning_rate"], "sweep.learning_rate", float)]
   seeds = _check_list(sweep["seed"], "sweep.seed", int, positive=False)
   if not isinstance(sweep["max_group_size"], int) or sweep["max_group_size"] < 0:
     raise ValueError(f"sweep.max_group_size must be an integer >= 0, got {sweep['max_group_size']!r}")
-  if not isinstance(sweep["lengths"], (list, tuple)) or not sweep["lengths"]:
-    raise ValueError("sweep.lengths must list at least one {seq_len, num_kv_pairs, train_examples, "
-                     "eval_examples} entry")
-  lengths = []
-  for i, entry in enumerate(sweep["lengths"]):
-    entry = dict(entry)
-    for key in entry:
-      if key not in LENGTH_KEYS:
-        raise ValueError(f"sweep.lengths[{i}].{key} is not a length key; accepted: {list(LENGTH_KEYS)}")
-    for key in LENGTH_KEYS[:4]:
-      if key not in entry:
-        raise ValueError(f"sweep.lengths[{i}].{key} is missing")
-    lengths.append(entry)
-
-  runs = []
-  for mixer_name, partial in sweep["mixers"].items():
-    for length in lengths:
-      seq_len, kv = length["seq_len"], length["num_kv_pairs"]
-      overrides = _substitute(json.loads(json.dumps(config_lib.as_dict(partial))), seq_len)
-      config_lib.check_keys(overrides, base, f"sweep.mixers.{mixer_name}.")
-      cell = config_lib.deep_merge(base, overrides)
-      cell["data"] = {**cell["data"],
-                      "train_segments": [dict(seq_len=seq_len, num_kv_pairs=kv,
-                                              num_examples=length["train_examples"])],
-                      "validation_segments": [dict(seq_len=seq_len, num_kv_pairs=kv,
-                                                   num_examples=length["eval_examples"])],
-                      "test_segments": [dict(seq_len=seq_len, num_kv_pairs=kv,
-                                             num_examples=length["eval_examples"])]}
-      if length.get("batch_size"):
-        cell["train"] = {**cell["train"], "batch_size": length["batch_size"]}
-      for d_model in widths:
-        group = f"{mixer_name}-d{d_model}-L{seq_len}-kv{kv}"
-        for lr in rates:
-          for seed in seeds:
-            cfg = json.loads(json.dumps(cell))
-            cfg["model"] = {**cfg["model"], "d_model": d_model}
-            cfg["train"] = {**cfg["train"], "learning_rate": float(lr)}
-            cfg["seed"] = seed
-            run_id = f"{group}-lr{lr:.2e}-s{seed}"
-            try:
-              config_lib.validate(cfg)
-            except ValueError as e:
-              raise ValueError(f"sweep point {run_id}: {e}") from None
-            full = config_lib.resolve(cfg)[0].to_dict()
-            runs.append(Run(run_id, group, full, mixer_name, d_model, seq_len, kv, float(lr), seed))
-  ids = [r.run_id for r in runs]
+  checks = ([(f"learning_rate[{i}]", {"train": {"learning_rate": lr}}) for i, lr in enumerate(rates)] +
+            [(f"seed[{i}]", {"seed": seed}) for i, seed in enumerate(seeds)])
+  for field, partial in checks:  # the schema's ranges, named by the axis rather than by the first run
+    try:
+      config_lib.validate(partial)
+    except ValueError as e:
+      raise ValueError(f"sweep.{field}: {e}") from None
+  ids = [f"lr{lr:.2e}" for lr in rates]
   if len(set(ids)) != len(ids):
-    raise ValueError("sweep.mixers names collide after expansion; use distinct names")
-  return runs
+    raise ValueError(f"sweep.learning_rate entries {rates} collide in run ids (written to 3 significant "
+                     f"digits: {ids})")
+  return dict(learning_rate=rates, seed=seeds, max_group_size=sweep["max_group_size"])
+
+
+def expand_grid(config: Any) -> list[Run]:
+  """Every model of a sweep config (each run × learning rate × seed), validated: a bad run fails here, in
+  one line naming it, before anything trains."""
+  axes = population(config)
+  base = config_lib.as_dict(config)
+  base.pop("sweep")
+  runs = base.pop("runs", None)
+  if not runs or not isinstance(runs, dict):
+    raise ValueError("runs is missing from the sweep config: a sweep config lists its runs in `runs`, {run name: "
+                     f"partial run config}} (got {runs!r})")
+  if base.get("task", "mqar") != "mqar":
+    raise ValueError(f"task must be 'mqar' in a sweep (a sweep trains MQAR runs), got {base['task']!r}")
+  allowed = set(base) | set(config_lib.MQARRun.model_fields)
+  out = []
+  for name, partial in runs.items():
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
+      raise ValueError(f"runs.{name}: a sweep run name is '<mixer label>-<rest>' (letters, digits and _ "
+                       "between dashes), e.g. attention-d64-L64-kv4")
+    if not isinstance(partial, dict):
+      raise ValueError(f"runs.{name} must be a partial run config (a mapping), got {partial!r}")
+    config_lib.check_keys(partial, allowed, f"runs.{name}.")
+    train = partial.get("train")
+    for key, axis, present in (("seed", "seed", "seed" in partial),
+                               ("train.learning_rate", "learning_rate",
+                                isinstance(train, dict) and "learning_rate" in train)):
+      if present:
+        raise ValueError(f"runs.{name}.{key}: a sweep run may not set it; sweep.{axis} sets it for every run")
+    cell = config_lib.deep_merge(base, partial)
+    for lr in axes["learning_rate"]:
+      for seed in axes["seed"]:
+        cfg = config_lib.deep_merge(cell, {"seed": seed, "train": {"learning_rate": lr}})
+        try:
+          full = config_lib.resolve(cfg)[0].to_dict()
+        except ValueError as e:
+          raise ValueError(f"sweep run {name}: {e}") from None
+        segment = full["data"]["train_segments"][0]
+        out.append(Run(f"{name}-lr{lr:.2e}-s{seed}", name, full, name.split("-", 1)[0], full["model"]["d_model"],
+                       segment["seq_len"], segment["num_kv_pairs"], lr, seed))
+  return out
 
 
 def _shape_key(run: Run) -> str:

@@ -4,6 +4,10 @@ r"""The paper's Figure 2 as a sweep: MQAR accuracy against width, a panel per se
   python experiments/figure2.py --scale=paper       # Zoology's grid (an accelerator job)
   python experiments/sweep.py --config=experiments/configs/figure2.py:cpu --config.sweep.seed='[0,1]' ...
 
+A sweep config (see `zoo_jax.sweep`): the base run config, `runs` built below by loops over mixers ×
+lengths × widths (each run's model, data segments and batch size written into its partial, as Zoology's
+configs build their list of runs), and the population axes `sweep.learning_rate` × `sweep.seed`.
+
 scale=paper is Zoology's Figure-2 grid (its iclr24_zoology_figure2 configs): (L, kv) in {(64, 4),
 (128, 8), (256, 16), (512, 64)}, d_model in {64, 128, 256, 512}, learning rates logspace(-4, -2, 4),
 vocabulary 8192, 100,000 training and 3,000 test examples per length (and 3,000 validation examples,
@@ -26,50 +30,75 @@ leaves the ~0.15 plateau within 10 epochs of 24,000 examples (the paper trains 6
 this budget the CPU grid does not reproduce attention's flat line at the longer length.
 """
 
+import copy
+import itertools
+from typing import Callable
+
 import ml_collections
 import numpy as np
 
 from zoo_jax import config as config_lib
-from zoo_jax import sweep
 from zoo_jax.configs import mqar
 
 SCALES = ("cpu", "paper")
+PAPER_MIXERS = ("attention", "base_conv", "hyena", "h3", "rwkv", "based", "mamba")
+# (seq_len, num_kv_pairs, training examples, validation = test examples, batch size; None: the base's)
+PAPER_LENGTHS = ((64, 4, 100_000, 3_000, 512), (128, 8, 100_000, 3_000, 512), (256, 16, 100_000, 3_000, 256),
+                 (512, 64, 100_000, 3_000, 128))
+CPU_LENGTHS = ((32, 4, 24_000, 1_000, None), (64, 8, 24_000, 1_000, None))
 
 
-def _models(names: list[str]) -> dict[str, dict]:
-  models = mqar.figure2_models(sweep.SEQ_LEN_MARKER)  # H3's d_state follows each length
-  return {name: {"model": models[name]} for name in names}
+def data(seq_len: int, num_kv_pairs: int, train_examples: int, eval_examples: int) -> dict:
+  """The data section of one length: a segment per split, validation and test of the same size."""
+  return dict(train_segments=[dict(seq_len=seq_len, num_kv_pairs=num_kv_pairs, num_examples=train_examples)],
+              validation_segments=[dict(seq_len=seq_len, num_kv_pairs=num_kv_pairs, num_examples=eval_examples)],
+              test_segments=[dict(seq_len=seq_len, num_kv_pairs=num_kv_pairs, num_examples=eval_examples)])
 
 
-def get_config(scale: str | None = None) -> ml_collections.ConfigDict:
-  scale = scale or "cpu"
+def grid(models: Callable[[int], dict[str, dict]], names: tuple[str, ...], widths: tuple[int, ...],
+         lengths: tuple[tuple, ...]) -> dict[str, dict]:
+  """A sweep's `runs`: '<mixer>-d<width>-L<seq_len>-kv<kv pairs>' → partial run config, for every mixer ×
+  length × width. `models(seq_len)` maps mixer names to model sections (H3's d_state is L); each length is
+  (seq_len, num_kv_pairs, train_examples, eval_examples, batch_size or None)."""
+  runs = {}
+  for name, (seq_len, kv, train_examples, eval_examples, batch_size), d_model in itertools.product(
+      names, lengths, widths):
+    run = dict(model={**copy.deepcopy(models(seq_len)[name]), "d_model": d_model},
+               data=data(seq_len, kv, train_examples, eval_examples))
+    if batch_size:  # the paper halves the batch at longer lengths
+      run["train"] = dict(batch_size=batch_size)
+    runs[f"{name}-d{d_model}-L{seq_len}-kv{kv}"] = run
+  return runs
+
+
+def base_config(scale: str) -> ml_collections.ConfigDict:
+  """The run config every run of a Figure-2-style sweep at `scale` starts from, with its population axes."""
   if scale not in SCALES:
     raise ValueError(f"figure2 scale must be one of {SCALES}, got {scale!r}")
   c = config_lib.defaults()
   c.model.n_layers = 2
   c.train.log_every_steps = 10_000
+  c.train.eval_batch_size = 500
   if scale == "paper":
     c.data.vocab_size = 8192
     c.train.epochs = 64
     c.train.batch_size = 512
-    c.train.eval_batch_size = 500
-    c.sweep = dict(
-        mixers=_models(["attention", "base_conv", "hyena", "h3", "rwkv", "based", "mamba"]),
-        d_model=[64, 128, 256, 512],
-        lengths=[dict(seq_len=l, num_kv_pairs=kv, train_examples=100_000, eval_examples=3_000, batch_size=b)
-                 for l, kv, b in ((64, 4, 512), (128, 8, 512), (256, 16, 256), (512, 64, 128))],
-        learning_rate=[float(x) for x in np.logspace(-4, -2, 4)],
-        seed=[0], max_group_size=0)
+    learning_rates = tuple(float(x) for x in np.logspace(-4, -2, 4))
   else:
     c.data.vocab_size = 128
     c.train.epochs = 10
     c.train.batch_size = 64
-    c.train.eval_batch_size = 500
-    c.sweep = dict(
-        mixers=_models(["attention", "base_conv"]),
-        d_model=[64, 128],
-        lengths=[dict(seq_len=l, num_kv_pairs=kv, train_examples=24_000, eval_examples=1_000)
-                 for l, kv in ((32, 4), (64, 8))],
-        learning_rate=[1e-3, 3e-3],
-        seed=[0], max_group_size=0)
+    learning_rates = (1e-3, 3e-3)
+  # Tuples, so that `--config.sweep.seed='[0,1,2]'` overrides them (ml_collections cannot override a list).
+  c.sweep = dict(learning_rate=learning_rates, seed=(0,), max_group_size=0)
+  return c
+
+
+def get_config(scale: str | None = None) -> ml_collections.ConfigDict:
+  scale = scale or "cpu"
+  c = base_config(scale)
+  if scale == "paper":
+    c.runs = grid(mqar.figure2_models, PAPER_MIXERS, (64, 128, 256, 512), PAPER_LENGTHS)
+  else:
+    c.runs = grid(mqar.figure2_models, ("attention", "base_conv"), (64, 128), CPU_LENGTHS)
   return c
