@@ -43,11 +43,6 @@ def test_damaged_checkpoints_resume_exactly_and_a_second_process_is_refused(meas
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="Orbax 0.12.8 abandons the other array reads of a restore that fails "
-                   "(a truncated or zeroed data file), in about half of the runs: each prints a traceback "
-                   "('Event loop is closed', through sys.unraisablehook; 'Task exception was never retrieved', "
-                   "through the asyncio logger), ~30-90 for this tiny model, sometimes into the warning or "
-                   "error line (zoo_jax/checkpoint.py, 'Known noise')")
 def test_damaged_checkpoints_print_no_traceback(measured):
   for title, (markdown, problems) in measured.items():
     noisy = [p for row in problems for p in row if is_noise(p)]

@@ -58,20 +58,33 @@ sum ~300 ms; zlib.crc32 of the host bytes 0.18 s); on an accelerator the digest 
 pass over device memory, with nothing copied to the host. The first `save` also compiles the digest:
 0.3 s for 8 leaves, 0.6 s for 64.
 
-Known noise: when TensorStore fails one array of a restore (truncated or missing data), Orbax 0.12.8
-closes its event loop with the other reads in flight, and those may print "RuntimeError: Event loop is
-closed" tracebacks on stderr afterwards; the step is still skipped and the result is unaffected.
+Orbax's noise, silenced: when TensorStore fails one array of a restore (truncated, zeroed or missing
+data), Orbax 0.12.8 closes its event loop with the other array reads in flight. Each abandoned read then
+reports itself as the garbage collector or TensorStore's threads reach it, through four channels: an
+unraisable exception (`Exception ignored in: <coroutine object _read_array_index_and_device_put>`, or
+"RuntimeError: Event loop is closed" from `call_soon_threadsafe`), the asyncio logger ("Task / Future
+exception was never retrieved"), and a RuntimeWarning ("coroutine 'Store._get_array_metadatas' was never
+awaited"): 30–110
+tracebacks, up to ~5,000 stderr lines, for a 2-layer model, sometimes written into the middle of the
+warning line. The step's skip line already says what failed; before its first read, a restore
+installs (`_silence_abandoned_reads`) filters that drop exactly these reports (matched by Orbax's coroutine
+name, the event-loop message, or a TensorStore read error) and pass everything else on unchanged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import functools
+import gc
 import json
+import logging as std_logging
 import os
 import re
 import sys
 import threading
+import types
+import warnings
 import weakref
 from typing import Any
 
@@ -88,7 +101,8 @@ _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's atomicity_types.TMP_DIR_SUFFIX 
 _STEP_RE = re.compile(r"^(0|[1-9]\d*)$")  # Orbax's standard step names (no prefix, no padding)
 _TMP_RE = re.compile(r"^(0|[1-9]\d*)" + re.escape(_TMP_SUFFIX))
 # What every step Orbax 0.12 finishes holds and restore relies on beyond what Orbax checks itself.
-_REQUIRED = ("state", "progress", "_CHECKPOINT_METADATA", "state/_METADATA", "progress/metadata")
+_REQUIRED = ("state", "progress", "_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt",
+             "progress/metadata")
 
 
 class CheckpointError(RuntimeError):
@@ -116,6 +130,57 @@ def _one_line(e: BaseException, limit: int = 200) -> str:
   text = " ".join(str(e).split()) or type(e).__name__
   text = text.split(" See full TensorStore details")[0].split(" [tensorstore_spec")[0]
   return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+# Orbax 0.12's per-array read and metadata coroutines, the ones its failed restores abandon (module
+# docstring); an abandoned coroutine is recognised by its file, the never-awaited warning by these names.
+_ORBAX_READ = "_read_array_index_and_device_put"
+_ORBAX_COROUTINES = (_ORBAX_READ, "Store._get_array_metadatas", "_read_shard")
+_silenced = False  # the asyncio-logger and warnings filters are installed
+_hook = None  # the unraisable hook _silence_abandoned_reads installed last
+
+
+def _abandoned_read(exc: BaseException | None, obj: Any = None) -> bool:
+  """Whether an unretrieved exception (and the coroutine or task it was raised in) is an abandoned Orbax
+  read."""
+  if isinstance(obj, asyncio.Task):
+    obj = obj.get_coro()
+  if isinstance(obj, types.CoroutineType) and f"{os.sep}orbax{os.sep}" in obj.cr_code.co_filename:
+    return True
+  if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+    return True
+  text = str(exc) if exc is not None else ""
+  return "Encountered error while reading array index" in text or "in OCDBT database at local file" in text
+
+
+class _AbandonedReadFilter(std_logging.Filter):
+  """Drops the asyncio logger's "Task/Future exception was never retrieved" of an abandoned Orbax read."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    message = str(record.msg)
+    if "exception was never retrieved" not in message:
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (_ORBAX_READ in message or _abandoned_read(exc))
+
+
+def _silence_abandoned_reads() -> None:
+  """Installs the filters described in the module docstring (again if someone replaced the hook since, as
+  pytest does around each test); everything else passes on to the hook that was there before."""
+  global _silenced, _hook
+  if sys.unraisablehook is not _hook:
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+      if not _abandoned_read(unraisable.exc_value, unraisable.object):
+        previous(unraisable)
+
+    _hook = sys.unraisablehook = hook
+  if not _silenced:
+    _silenced = True
+    std_logging.getLogger("asyncio").addFilter(_AbandonedReadFilter())
+    names = "|".join(re.escape(name) for name in _ORBAX_COROUTINES)
+    warnings.filterwarnings("ignore", message=f"coroutine '({names})' was never awaited", category=RuntimeWarning)
 
 
 # ---------------------------------------------------------------------------------------------- Workdir
@@ -177,14 +242,24 @@ def open_workdir(workdir: str, config_json: str) -> WorkdirLock:
   return lock
 
 
+def write_text(path: str, text: str) -> None:
+  """Writes a workdir file whole or not at all (a temporary beside it, then a rename), even if the process
+  dies mid-write: config.json, summary.json, results tables."""
+  tmp = f"{path}.tmp.{os.getpid()}"
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
 def _check_or_write_config(workdir: str, new_config: Any, config_json: str) -> None:
   """A workdir holds one run: a different config is refused, never overwritten."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.write(config_json)
-    os.replace(tmp, path)  # whole or absent, even if the process dies mid-write
+    write_text(path, config_json)
     return
   try:
     with open(path) as f:
@@ -436,10 +511,13 @@ class Checkpointer:
   def _read(self, step: int, **item_args) -> tuple[Any, str | None]:
     """(the one item Orbax restores, None) or (None, why it failed, one line)."""
     (name, args), = item_args.items()
+    _silence_abandoned_reads()  # before the read: TensorStore's threads report while Orbax is failing
     try:
       return self._manager.restore(step, args=ocp.args.Composite(**{name: args}))[name], None
     except Exception as e:  # pylint: disable=broad-except  # any failure to read marks the step damaged
-      return None, _one_line(e)
+      why = _one_line(e)
+    gc.collect()  # the exception's traceback held the abandoned reads: collect them now, filters in place
+    return None, why
 
   # -- lifetime
 
