@@ -48,8 +48,13 @@ def all_summaries(workdir: str, names: list[str]) -> dict[str, dict]:
   for name in names + sorted(os.listdir(workdir)):
     path = os.path.join(workdir, name, "summary.json")
     if name not in found and os.path.isfile(path):
-      with open(path) as f:
-        found[name] = json.load(f)
+      try:
+        with open(path) as f:
+          found[name] = json.load(f)
+        format_table({name: found[name]})  # holds every field the table shows
+      except (OSError, ValueError, KeyError, TypeError) as e:
+        found.pop(name, None)
+        print(f"warning: {path} left out of the table: unreadable ({type(e).__name__}: {e})", file=sys.stderr)
   return found
 
 
@@ -68,8 +73,7 @@ def main(argv):
     except (ValueError, checkpoint.CheckpointError, train.NonFiniteLossError) as e:
       sys.exit(f"error: {name}: {e}")
   table = format_table(all_summaries(_WORKDIR.value, list(configs)))
-  with open(os.path.join(_WORKDIR.value, "results.md"), "w") as f:
-    f.write(table + "\n")
+  checkpoint.write_text(os.path.join(_WORKDIR.value, "results.md"), table + "\n")
   print("\nMQAR accuracy (model chosen on validation, accuracy on test):\n" + table)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from zoo_jax import checkpoint
+from zoo_jax import cli
 from zoo_jax import config as config_lib
 from zoo_jax import tasks
 from zoo_jax import train
@@ -164,3 +165,27 @@ def test_sharded_step_matches_single_device_on_8_simulated_devices(mixer):
   # Adam divides by sqrt(v): reduction-order noise in near-zero gradients moves a few weights by up to
   # ~1e-5 after 8 steps of lr 3e-3 (each step moves a weight by up to lr).
   np.testing.assert_allclose(np.asarray(sharded_embed), np.asarray(single_embed), atol=1e-4)
+
+
+def test_mqar_results_table_merges_other_runs_and_names_an_unreadable_summary(tmp_path):
+  """experiments/mqar.py's results.md: the run just trained, another finished run already in the workdir,
+  and one warning line (not a traceback, not a lost table) for a summary.json cut off mid-write."""
+  config = tmp_path / "tiny.py"  # the reliability bench's tiny run: 64 steps of a 2-layer d 32 attention
+  config.write_text(cli.load_module(os.path.join(REPO, "experiments", "bench_reliability.py")).TINY_CONFIG)
+  workdir = tmp_path / "work"
+  (workdir / "broken").mkdir(parents=True)
+  (workdir / "broken" / "summary.json").write_text('{"validation_accuracy": 0.5, "test_acc')
+  other = dict(d_model=8, num_params=1234, state_size=56, validation_accuracy=0.25, test_accuracy=0.125,
+               test_slices={"L16_kv2": 0.125}, best_epoch=1, tokens_per_sec=1000.0, train_seconds=3.0)
+  (workdir / "other").mkdir()
+  (workdir / "other" / "summary.json").write_text(json.dumps(other))
+  res = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "mqar.py"), f"--config={config}:attention",
+                        f"--workdir={workdir}"], capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "Traceback" not in res.stderr, res.stderr[-3000:]
+  warnings = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+  assert len(warnings) == 1 and "broken/summary.json left out of the table" in warnings[0], warnings
+  table = (workdir / "results.md").read_text().splitlines()
+  assert [row.split("|")[1].strip() for row in table[2:]] == ["attention", "other"], table
+  assert "| 0.250 | 0.125 | 0.125 |" in table[3]
+  assert not [p for p in os.listdir(workdir / "attention") if ".tmp" in p]

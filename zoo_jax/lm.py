@@ -193,8 +193,7 @@ def _train(cfg, model_cfg, tok, mesh, workdir: str, lead: bool, kill_after_steps
     print("counting training bigrams…", flush=True)
     ar_hits.count_bigrams(iter_rows(train_src), model_cfg.vocab_size).save(
         os.path.join(workdir, "bigram_counts.npz"))
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    checkpoint_lib.write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
     print(f"done: validation perplexity {summary['validation_perplexity']:.2f} (best step {summary['best_step']}), "
           f"{summary['tokens_per_sec']:,.0f} tok/s", flush=True)
   _sync("done")

@@ -96,8 +96,7 @@ def _run(config, model_cfg, mesh, workdir: str, kill_after_steps: int | None) ->
       backend=jax.default_backend(),
       validation_slices=validation["slices"],
   )
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  checkpoint_lib.write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
   print(f"done: best epoch {summary['best_epoch']}: validation accuracy {summary['validation_accuracy']:.4f}, "
         f"test accuracy {summary['test_accuracy']:.4f}", flush=True)
   return summary
