@@ -8,6 +8,8 @@ at the defaults (one chunk: L = 12 < 64). Here:
   gradients) for chunk sizes 1, 4, 16, 64 at lengths they do not divide;
 - each whole mixer from S = 0: chunked (chunks of 5) ≡ recurrent ≡ `step` at L = 37, and against a
   float64 reading of its definition from its (randomised) parameters;
+- prefill → decode: the parallel form fed in pieces that start and end inside ragged chunks, each piece
+  from the state the previous returned, ≡ one pass, and its final state ≡ the token recurrence's;
 - edge cases: β = 0 keeps the state (DeltaNet) or only decays it (Gated DeltaNet); β = 1 with a unit key
   stores v exactly (S_tᵀ k_t = v_t); Gated DeltaNet with α = 1 is DeltaNet; extreme decays stay finite;
 - state sizes against their formulas and the recurrent state; hyperparameter errors.
@@ -209,6 +211,64 @@ def test_mixer_chunked_equals_recurrent_at_lengths_chunks_do_not_divide(name):
   assert_close_to_scale(run_recurrent(build(name, 37, chunk_size=5), x), chunked_out, msg="steps")
   if name == "rwkv7":
     assert_close_to_scale(apply(build(name, 37, form="recurrent"), x), chunked_out, msg="form='recurrent'")
+
+
+def run_in_pieces(module: nnx.Module, x: jax.Array, cuts) -> tuple[jax.Array, dict]:
+  """The parallel form over the pieces x[:, cuts[i]:cuts[i+1]], each from the state the previous one
+  returned (the first from none): (outputs concatenated, final state)."""
+  graphdef, params = nnx.split(module)
+
+  def run(x):
+    m, state, ys = nnx.merge(graphdef, params), None, []
+    for start, stop in zip(cuts[:-1], cuts[1:]):
+      y, state = mixers.apply(m, x[:, start:stop], state=state, return_state=True)
+      ys.append(y)
+    return jnp.concatenate(ys, axis=1), state
+
+  return jax.jit(run)(x)
+
+
+def steps_final_state(module: nnx.Module, x: jax.Array) -> dict:
+  graphdef, params = nnx.split(module)
+
+  def scan(x):
+    m = nnx.merge(graphdef, params)
+    return jax.lax.scan(lambda c, x_bd: m.step(c, x_bd), m.init_state(x.shape[0]), jnp.swapaxes(x, 0, 1))[0]
+
+  return jax.jit(scan)(x)
+
+
+@pytest.mark.parametrize("name,hparams", [
+    ("delta_net", {}), ("delta_net", dict(conv_size=1, use_gate=True)), ("gated_delta_net", {}),
+    ("rwkv7", {}), ("rwkv7", dict(form="recurrent")),
+])
+def test_prefill_in_pieces_across_ragged_chunks_is_the_whole_sequence(name, hparams):
+  """Chunks of 5 over L = 37, fed as pieces [0, 3), [3, 21), [21, 36), [36, 37): each piece starts and
+  ends inside a chunk of its own, from a non-zero S and conv window / token shift. The outputs are the
+  one-pass chunked form's and the final state the token recurrence's (the shared spec's L = 12 is one
+  chunk)."""
+  module = build(name, 37, **{"chunk_size": 5, **hparams})
+  x = _normal((2, 37, D), seed=12)
+  y, state = run_in_pieces(module, x, (0, 3, 21, 36, 37))
+  assert_close_to_scale(y, apply(module, x), msg="outputs")
+  want = steps_final_state(module, x)
+  assert jax.tree.structure(state) == jax.tree.structure(want)
+  for (path, got), expected in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(want)):
+    assert (got.shape, got.dtype) == (expected.shape, expected.dtype), jax.tree_util.keystr(path)
+    if expected.size:
+      assert_close_to_scale(got, expected, msg=f"state{jax.tree_util.keystr(path)}")
+
+
+def test_rule_returns_its_final_state_only_when_asked():
+  rule, _ = rule_inputs("gated", 9)
+  s0 = _normal((B, H, K, V), seed=13)
+  for form in delta_rule.FORMS:
+    o = delta_rule.delta_rule(form, *rule, chunk_size=4)
+    o_from, s = delta_rule.delta_rule(form, *rule, chunk_size=4, initial_state=s0, output_final_state=True)
+    o_ref, s_ref = delta_rule.recurrent(*rule, initial_state=s0)
+    assert_close_to_scale(o, delta_rule.recurrent(*rule)[0], msg=f"{form} from S = 0")
+    assert_close_to_scale(o_from, o_ref, msg=f"{form} from S_0")
+    assert_close_to_scale(s, s_ref, msg=f"{form}: final state")
 
 
 def _f64(a):

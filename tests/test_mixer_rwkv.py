@@ -2,8 +2,9 @@
 
 The shared spec (tests/test_mixers.py) checks shapes, dtypes, causality, gradients and recurrent ≡ parallel
 at the defaults; here: the WKV formula itself, its stability for large keys in float32 and bfloat16, the
-whole mixer against a token-by-token float64 reference, Zoology's init, both parallel forms, the state size
-and the hyperparameter errors.
+whole mixer against a token-by-token float64 reference, Zoology's init, both parallel forms, prefill in
+pieces from the state (WKV sums and token shift) against one pass, the state size and the hyperparameter
+errors.
 """
 
 import chex
@@ -103,6 +104,21 @@ def test_wkv_and_its_gradient_ignore_a_huge_shift_of_every_key(implementation):
   chex.assert_trees_all_close((value_shifted, grads_shifted), (value, grads), atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_wkv_continues_from_the_sums_of_a_prefix(implementation):
+  """Keys in ±60: the WKV of x[:, 7:] from the sums after x[:, :7] is the whole WKV's tail, and the sums
+  after both pieces are the one-pass sums (the same running maximum, so the same (a, b, p))."""
+  w, u, k, v = _f32(*random_wkv_inputs(*WKV_SHAPE, k_scale=60, seed=5))
+  run = jax.jit(rwkv.wkv_from, static_argnames="implementation")
+  y_head, sums_head = run(w, u, k[:, :7], v[:, :7], implementation=implementation)
+  y_tail, sums = run(w, u, k[:, 7:], v[:, 7:], implementation=implementation, initial_sums=sums_head)
+  y_all, sums_all = run(w, u, k, v, implementation="scan")  # the token recurrence `step` runs
+  chex.assert_trees_all_close(np.concatenate([y_head, y_tail], axis=1), naive_wkv(w, u, k, v), atol=1e-5,
+                              rtol=1e-5)
+  chex.assert_trees_all_close(y_tail, y_all[:, 7:], atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(sums, sums_all, atol=1e-5, rtol=1e-5)
+
+
 def _build(layer_idx=0, n_layers=2, d_model=8, seq_len=16, **hparams):
   return mixers.build({"name": "rwkv", **hparams}, d_model=d_model, seq_len=seq_len, layer_idx=layer_idx,
                       n_layers=n_layers, rngs=nnx.Rngs(3))
@@ -137,6 +153,27 @@ def test_parallel_and_recurrent_forms_are_the_naive_time_mixing(implementation):
   atol = 1e-5 * np.abs(expected).max()
   chex.assert_trees_all_close(np.asarray(out, np.float64), expected, atol=atol)
   chex.assert_trees_all_close(np.asarray(out_recurrent, np.float64), expected, atol=atol)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_prefill_in_pieces_is_the_whole_sequence(implementation):
+  """The parallel form over x[:, :1], x[:, 1:15], x[:, 15:] (each from the state the previous returned)
+  is one pass over x, and its final state (last input, sums) is the token recurrence's."""
+  module = _build(layer_idx=1, n_layers=3, seq_len=37, parallel_implementation=implementation)
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 37, 8)) * 3, jnp.float32)
+
+  def run(m, x_bld):
+    state, ys = None, []
+    for start, stop in [(0, 1), (1, 15), (15, 37)]:
+      y, state = m(x_bld[:, start:stop], state=state, return_state=True)
+      ys.append(y)
+    steps_state = jax.lax.scan(m.step, m.init_state(x_bld.shape[0]), jnp.swapaxes(x_bld, 0, 1))[0]
+    return jnp.concatenate(ys, axis=1), state, m(x_bld), steps_state
+
+  y, state, out, steps_state = nnx.jit(run)(module, x)
+  chex.assert_trees_all_close(y, out, atol=1e-5 * float(np.abs(out).max()))
+  chex.assert_trees_all_equal_shapes_and_dtypes(state, steps_state)
+  chex.assert_trees_all_close(state, steps_state, atol=1e-5, rtol=1e-5)
 
 
 def test_zoology_fancy_init():

@@ -38,7 +38,9 @@ Differences from flash-linear-attention / Zoology:
 
 State: the delta-rule state, H·k·v = expand_v·d²/H elements, plus the conv windows of q, k and v,
 (conv_size − 1)·(2 + expand_v)·d elements, per example per layer (Zoology's `state_size` counts only the
-first; the recurrent form cannot drop the second).
+first; the recurrent form cannot drop the second). `__call__(x, state=..., return_state=True)` continues
+from such a state (prefill → decode): the conv window is prepended to the conv's input, the chunked rule
+starts from S, and the state after x is the last conv_size − 1 conv inputs and the final chunk state.
 """
 
 import dataclasses
@@ -75,6 +77,18 @@ class DeltaNetConfig:
 
   def check_shapes(self, field: str, *, d_model: int, seq_len: int, layer_idx: int) -> None:
     registry.check_heads(field, self.num_heads, d_model)  # keys are d_model wide, split over the heads
+
+
+def continue_short_conv(conv: layers.ShortConvolution, conv_state: dict[str, jax.Array] | None,
+                        u_blc: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`conv(u)` continued after the inputs in `conv_state` (the conv's `init_state` pytree, the last k−1
+  inputs; None: the sequence starts here) and the state after u: the window is prepended and its k−1
+  outputs dropped, so every output sees the taps the token recurrence sees."""
+  conv_state = conv.init_state(u_blc.shape[0]) if conv_state is None else conv_state
+  window = conv_state["window"]
+  u_bmc = jnp.concatenate([window.astype(u_blc.dtype), u_blc], axis=1)
+  tail_bkc = u_bmc[:, u_bmc.shape[1] - window.shape[1]:]  # not [-(k−1):]: k = 1 keeps nothing
+  return conv(u_bmc)[:, window.shape[1]:], dict(window=tail_bkc.astype(window.dtype))
 
 
 def check_heads_divide(num_heads: int, d_model: int) -> None:
@@ -150,14 +164,29 @@ class DeltaNet(nnx.Module):
     conv_width = 2 * self.key_width + self.value_width
     return z[..., :conv_width], z[..., conv_width:]
 
-  def __call__(self, x_bld: jax.Array) -> jax.Array:
+  def __call__(self, x_bld: jax.Array, state: dict[str, Any] | None = None,
+               return_state: bool = False) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
+    """The chunked (or recurrent) form over x; from `state` (`init_state`'s pytree) it continues after the
+    tokens the state has seen: the conv window is prepended to the conv's input and the delta rule starts
+    from S. With `return_state`, also the state after x: the last conv_size−1 conv inputs and the chunked
+    scan's final S."""
     conv_in, rest = self._split(self.in_proj(x_bld))
-    rule, gate = self._rule_inputs(self.conv(conv_in.astype(jnp.float32)), rest)
-    o_blhv = delta_rule.delta_rule(self.form, *rule, chunk_size=self.chunk_size)
-    return self._output(o_blhv, gate).astype(x_bld.dtype)
+    conv_in = conv_in.astype(jnp.float32)
+    if state is None and not return_state:  # training: no state in or out
+      qkv_blc, conv_state = self.conv(conv_in), None
+    else:
+      qkv_blc, conv_state = continue_short_conv(self.conv, None if state is None else state["conv"], conv_in)
+    s0 = None if state is None else state["s"]
+    rule, gate = self._rule_inputs(qkv_blc, rest)
+    result = delta_rule.delta_rule(self.form, *rule, chunk_size=self.chunk_size, initial_state=s0,
+                                   output_final_state=return_state)
+    o_blhv, s_bhkv = result if return_state else (result, None)
+    y_bld = self._output(o_blhv, gate).astype(x_bld.dtype)
+    return (y_bld, dict(conv=conv_state, s=s_bhkv)) if return_state else y_bld
 
   def init_state(self, batch_size: int) -> dict[str, Any]:
-    """The conv window (b, conv_size−1, c) and S per head (b, h, k, v)."""
+    """The conv window (b, conv_size−1, c): the last conv inputs, q | k | v before the conv; and S per head
+    (b, h, k, v)."""
     h = self.num_heads
     s = jnp.zeros((batch_size, h, self.key_width // h, self.value_width // h), jnp.float32)
     return dict(conv=self.conv.init_state(batch_size), s=s)

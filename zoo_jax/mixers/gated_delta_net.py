@@ -28,7 +28,9 @@ conv bias, float32 delta rule where Zoology casts to bfloat16, zoo_jax's init of
 Zoology's unused `D` parameter (declared, never applied) is left out.
 
 State: H·k·v = expand_v·d²/H elements plus the q/k/v conv windows, (conv_size − 1)·(2 + expand_v)·d,
-per example per layer.
+per example per layer. State passing is DeltaNet's (`__call__(x, state=..., return_state=True)`): the conv
+window is prepended to the conv's input and the chunked rule starts from S, decays included; the state
+after x is the last conv_size − 1 conv inputs and the final chunk state.
 """
 
 import dataclasses

@@ -34,6 +34,9 @@ Differences from Zoology's PyTorch code:
 - with n_layers = 1, r0 = 0 (Zoology divides by n_layers - 1 = 0).
 
 State: the last input for the token shift and the WKV sums (a, b, p): 4·d elements per example.
+`__call__(x, state=..., return_state=True)` continues from such a state (prefill → decode): the token
+shift starts from the last input, and the initial sums are folded into every prefix of the parallel scan
+(decayed over it); the sums after the last prefix are the final state.
 """
 
 import dataclasses
@@ -97,18 +100,36 @@ def empty_sums(shape) -> Sums:
 
 def wkv(w_d, u_d, k_bld, v_bld, implementation: str = "associative") -> jax.Array:
   """The WKV of a whole sequence, (b, l, d) float32, from w = -exp(time_decay) and u = time_first."""
+  return wkv_from(w_d, u_d, k_bld, v_bld, implementation)[0]
+
+
+def wkv_from(w_d, u_d, k_bld, v_bld, implementation: str = "associative",
+             initial_sums: Sums | None = None) -> tuple[jax.Array, Sums]:
+  """The WKV of x continued after the tokens summed in `initial_sums` ((b, d) each; the empty sums when
+  None), and the sums after the last token. 'associative' combines the initial sums into every prefix of
+  the scan (one more elementwise `_combine`), so the final sums come from the parallel form too."""
   k_bld, v_bld = k_bld.astype(jnp.float32), v_bld.astype(jnp.float32)
   b, l, d = k_bld.shape
+  first = empty_sums((b, d)) if initial_sums is None else tuple(initial_sums)
   if implementation == "scan":
-    _, y_lbd = jax.lax.scan(lambda sums, kv: wkv_token(sums, *kv, w_d, u_d), empty_sums((b, d)),
-                            (jnp.swapaxes(k_bld, 0, 1), jnp.swapaxes(v_bld, 0, 1)))
-    return jnp.swapaxes(y_lbd, 0, 1)
+    sums, y_lbd = jax.lax.scan(lambda sums, kv: wkv_token(sums, *kv, w_d, u_d), first,
+                               (jnp.swapaxes(k_bld, 0, 1), jnp.swapaxes(v_bld, 0, 1)))
+    return jnp.swapaxes(y_lbd, 0, 1), sums
   tokens = (jnp.broadcast_to(w_d, k_bld.shape), v_bld, jnp.ones_like(v_bld), k_bld)
-  _, a_bld, b_bld, p_bld = jax.lax.associative_scan(_combine, tokens, axis=1)
-  # wkv_t reads the sums over i < t: the inclusive prefix shifted by one, the empty sums first.
-  before = [jnp.concatenate([first[:, None], inclusive[:, :-1]], axis=1)
-            for first, inclusive in zip(empty_sums((b, d)), (a_bld, b_bld, p_bld))]
-  return _wkv_output(tuple(before), k_bld, v_bld, u_d)
+  inclusive = jax.lax.associative_scan(_combine, tokens, axis=1)
+  if initial_sums is not None:  # the initial sums decay over each prefix
+    inclusive = _combine((0.0, *(x[:, None] for x in first)), inclusive)
+  # wkv_t reads the sums over i < t: the inclusive prefix shifted by one, the initial sums first.
+  before = [jnp.concatenate([start[:, None], prefix[:, :-1]], axis=1)
+            for start, prefix in zip(first, inclusive[1:])]
+  return _wkv_output(tuple(before), k_bld, v_bld, u_d), tuple(prefix[:, -1] for prefix in inclusive[1:])
+
+
+def token_shift(x_bld: jax.Array, last_bd: jax.Array | None = None) -> jax.Array:
+  """x'_t = x_{t−1}: x shifted one token later, `last_bd` (the token before x; zeros when None) first."""
+  if last_bd is None:
+    return jnp.pad(x_bld, ((0, 0), (1, 0), (0, 0)))[:, :-1]
+  return jnp.concatenate([last_bd.astype(x_bld.dtype)[:, None], x_bld[:, :-1]], axis=1)
 
 
 def _fancy_init(d_model: int, layer_idx: int, n_layers: int) -> dict[str, np.ndarray]:
@@ -163,11 +184,20 @@ class RWKV(nnx.Module):
   def _out(self, r, wkv_):
     return self.output((jax.nn.sigmoid(r.astype(jnp.float32)) * wkv_).astype(self.dtype))
 
-  def __call__(self, x_bld: jax.Array) -> jax.Array:
-    x_prev = jnp.pad(x_bld, ((0, 0), (1, 0), (0, 0)))[:, :-1]
-    k_bld, v_bld, r_bld = self._krv(x_bld, x_prev)
-    wkv_bld = wkv(*self._decay_bonus(), k_bld, v_bld, self.implementation)
-    return self._out(r_bld, wkv_bld)
+  def __call__(self, x_bld: jax.Array, state: dict[str, jax.Array] | None = None,
+               return_state: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+    """The parallel form over x; from `state` (`init_state`'s pytree) it continues after the tokens the
+    state has seen: the token shift starts from `x_prev` and the WKV sums from (num, den, max). With
+    `return_state`, also the state after x (its last token, the sums after it)."""
+    if state is None and not return_state:  # training: no state in or out
+      k_bld, v_bld, r_bld = self._krv(x_bld, token_shift(x_bld))
+      return self._out(r_bld, wkv(*self._decay_bonus(), k_bld, v_bld, self.implementation))
+    state = self.init_state(x_bld.shape[0]) if state is None else state
+    k_bld, v_bld, r_bld = self._krv(x_bld, token_shift(x_bld, state["x_prev"]))
+    wkv_bld, (a, b, p) = wkv_from(*self._decay_bonus(), k_bld, v_bld, self.implementation,
+                                  (state["num"], state["den"], state["max"]))
+    state = dict(x_prev=x_bld[:, -1].astype(jnp.float32), num=a, den=b, max=p)
+    return self._out(r_bld, wkv_bld), state
 
   def init_state(self, batch_size: int) -> dict[str, jax.Array]:
     """The previous input (zeros before the sequence) and the empty WKV sums, (b, d) float32 each."""

@@ -50,6 +50,9 @@ Differences from Zoology's `RWKV7Attention` (a copy of fla's layer):
   form must keep).
 
 State: H heads of (d/H)² plus the previous x: d²/H + d elements per example per layer.
+`__call__(x, state=..., return_state=True)` continues from such a state (prefill → decode): the token
+shift starts from the previous x and the chunked rule from S; the state after x is its last token and
+the final chunk state.
 """
 
 import dataclasses
@@ -65,6 +68,7 @@ from zoo_jax import layers
 from zoo_jax.mixers import registry
 from zoo_jax.ops import delta_rule
 from zoo_jax.mixers.delta_net import check_heads_divide
+from zoo_jax.mixers.rwkv import token_shift
 
 LOG_DECAY_SCALE = math.exp(-0.5)  # log w ∈ (−e^(−1/2), 0)
 # The chunk's total log decay, at most chunk_size · e^(−1/2), must stay within the per-channel split's
@@ -199,11 +203,21 @@ class RWKV7(nnx.Module):
     o_bld = (normed_bld + bonus_blh1 * v).reshape(b, l, h * dv)
     return self.out_proj((o_bld * g_bld).astype(self.dtype))
 
-  def __call__(self, x_bld: jax.Array) -> jax.Array:
-    x_prev_bld = jnp.pad(x_bld, ((0, 0), (1, 0), (0, 0)))[:, :-1]
-    rule, g_bld = self._rule_inputs(x_bld, x_prev_bld)
-    o_blhv = delta_rule.delta_rule(self.form, *rule, chunk_size=self.chunk_size)
-    return self._output(o_blhv, rule, g_bld).astype(x_bld.dtype)
+  def __call__(self, x_bld: jax.Array, state: dict[str, jax.Array] | None = None,
+               return_state: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+    """The chunked (or recurrent) form over x; from `state` (`init_state`'s pytree) it continues after the
+    tokens the state has seen: the token shift starts from `shift` and the rule from S. With
+    `return_state`, also the state after x: its last token and the chunked scan's final S."""
+    last_bd = None if state is None else state["shift"]
+    rule, g_bld = self._rule_inputs(x_bld, token_shift(x_bld, last_bd))
+    result = delta_rule.delta_rule(self.form, *rule, chunk_size=self.chunk_size,
+                                   initial_state=None if state is None else state["s"],
+                                   output_final_state=return_state)
+    o_blhv, s_bhkv = result if return_state else (result, None)
+    y_bld = self._output(o_blhv, rule, g_bld).astype(x_bld.dtype)
+    if not return_state:
+      return y_bld
+    return y_bld, dict(shift=x_bld[:, -1].astype(jnp.float32), s=s_bhkv)
 
   def init_state(self, batch_size: int) -> dict[str, jax.Array]:
     """The previous token's x (b, d) and wkv per head as S = wkvᵀ (b, h, d/H, d/H)."""

@@ -44,6 +44,11 @@ stays above about −80 (RWKV-7 bounds log w >= −e^(−1/2), so chunks up to 1
 
 Lengths that the chunk size does not divide are padded at the end with identity steps (log w = 0,
 a = b = k = v = q = 0), which leave the state unchanged, so the final state is the state after token l.
+
+State passing (flash-linear-attention's `initial_state` / `output_final_state`): both forms start from a
+given S_0 (b, h, k, v) instead of 0 and return the state after the last token. In the chunked form S_0 is
+the first chunk's S_0 above (its read-outs U = W S_0 + Ũ and outputs (Q ⊙ Γ) S_0 + ...), and the final
+state is the inter-chunk scan's last carry, so a prefill costs one chunked pass.
 """
 
 import functools
@@ -191,11 +196,17 @@ def chunked(q_blhk, k_blhk, v_blhv, log_w_blhg, a_blhk, b_blhk, chunk_size: int,
 FORMS = ("chunked", "recurrent")
 
 
-def delta_rule(form: str, q, k, v, log_w, a, b, chunk_size: int):
-  """o (b, l, h, v) of (*) from S = 0 by the named form."""
+def delta_rule(form: str, q, k, v, log_w, a, b, chunk_size: int, initial_state=None,
+               output_final_state: bool = False):
+  """o (b, l, h, v) of (*) by the named form, from `initial_state` (b, h, k, v) (S = 0 when None).
+
+  With `output_final_state` (flash-linear-attention's name) the result is (o, S after token l): the
+  chunked form's last inter-chunk state, so a prefill never replays the tokens one by one."""
   if form == "chunked":
-    return chunked(q, k, v, log_w, a, b, chunk_size)[0]
-  return recurrent(q, k, v, log_w, a, b)[0]
+    o, s_final = chunked(q, k, v, log_w, a, b, chunk_size, initial_state)
+  else:
+    o, s_final = recurrent(q, k, v, log_w, a, b, initial_state)
+  return (o, s_final) if output_final_state else o
 
 
 def l2_normalize(x, eps: float = 1e-6):
