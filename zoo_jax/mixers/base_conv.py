@@ -18,7 +18,11 @@ convolution core, y = proj(u) ⊙ (h ∗ u + u) + u = `ops.gated_conv(u, h, out_
 (float32 inside, one rounding to the compute dtype at the end, where Zoology rounds after each op); with
 `use_act` the SiLUs sit between the convolution and the gate, so it is `ops.long_conv` then the gate.
 
-State: a short conv keeps its last k-1 inputs, d·(k-1); a long conv needs the whole history, d·L.
+State: a short conv keeps its last k-1 inputs, d·(k-1); a long conv needs the whole history, d·L (and
+the position t). Given a state, `__call__` continues after it (prefill → decode): a short conv runs over
+[window, u] and keeps the last l outputs; a long conv writes u into the history at [t, t+l) and convolves
+the whole history once by FFT, keeping the outputs at [t, t+l) (`_filters.long_conv_continued`). With
+`return_state` the state after u comes back too: the last k-1 inputs, or the history with u written in.
 """
 
 import dataclasses
@@ -30,7 +34,7 @@ import jax.numpy as jnp
 
 from zoo_jax.ops import gated_conv
 from zoo_jax import layers
-from zoo_jax.mixers import registry
+from zoo_jax.mixers import _filters, registry
 
 LONG = -1
 
@@ -83,7 +87,7 @@ class BaseConv(nnx.Module):
   def __init__(self, cfg: BaseConvConfig, *, d_model: int, seq_len: int, layer_idx: int, n_layers: int,
                dtype: Any, rngs: nnx.Rngs):
     kernel_size = cfg.layer_kernel_size(layer_idx, seq_len)
-    self.use_act = cfg.use_act
+    self.use_act, self.seq_len = cfg.use_act, seq_len
     self.implementation = impl = cfg.conv_implementation
     self.projection = layers.linear(d_model, d_model, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
     if kernel_size < seq_len:
@@ -100,7 +104,24 @@ class BaseConv(nnx.Module):
     k = cfg.layer_kernel_size(layer_idx, seq_len)
     return d_model * (seq_len if k >= seq_len else k - 1)
 
-  def __call__(self, u_bld: jax.Array) -> jax.Array:
+  def __call__(self, u_bld: jax.Array, state: Any = None, return_state: bool = False) -> Any:
+    """y (b, l, d), continuing after `state` (like `init_state`'s) if given; `(y, state after u)` with
+    `return_state`."""
+    if state is None and not return_state:
+      return self._parallel(u_bld)
+    if isinstance(self.conv, layers.ShortConvolution):
+      u_conv, state = _filters.short_conv_continued(self.conv, state, u_bld)
+      y_bld = self._gate(u_conv, u_bld)
+    elif state is None:
+      y_bld = self._parallel(u_bld)
+      state = _filters.append_history(self.init_state(u_bld.shape[0]), u_bld)
+    else:
+      hu_bld, state = _filters.long_conv_continued(state, u_bld, self.conv.filter(self.seq_len),
+                                                   implementation=self.implementation)
+      y_bld = self._gate((hu_bld + u_bld).astype(self.conv.dtype), u_bld)
+    return (y_bld, state) if return_state else y_bld
+
+  def _parallel(self, u_bld: jax.Array) -> jax.Array:
     if isinstance(self.conv, layers.ShortConvolution) or self.use_act:
       return self._gate(self.conv(u_bld), u_bld)
     # proj ⊙ (h ∗ u + u) + u as one gated convolution core (D = 1 is the `+ u` inside the gate).

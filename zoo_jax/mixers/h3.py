@@ -36,7 +36,12 @@ Differences from Zoology's PyTorch `H3`:
   give the same outputs. Zoology's `state_size` reports d·N and leaves out the diagonal SSM's state.
 
 State: shift window d·(min(N, L) - 1) plus the diagonal SSM's N/2 complex modes (N reals) on each of the
-H·p² = d·p channels of kv: d·(min(N, L) - 1) + d·head_dim·N elements per example.
+H·p² = d·p channels of kv: d·(min(N, L) - 1) + d·head_dim·N elements per example. Given a state,
+`__call__` continues after it (prefill → decode): the shift SSM convolves [window, k] and keeps the last
+l outputs; the diagonal SSM adds its modes' free response 2 Re Σ_n C_n dA_n^(i+1) x0_n to K * kv (so the
+head_dim = 1 shortcut through `ops.gated_conv` is left for the general path). With `return_state` the
+state after x comes back too: the last min(N, L) - 1 inputs of the shift SSM and the modes after kv, as one
+contraction over the tokens (`_filters.DiagonalSSM.final_state`), not a scan.
 """
 
 import dataclasses
@@ -114,23 +119,41 @@ class H3(nnx.Module):
   def _heads(self, a: jax.Array) -> jax.Array:
     return a.reshape(*a.shape[:-1], self.heads, self.head_dim)
 
-  def __call__(self, x_bld: jax.Array) -> jax.Array:
+  def __call__(self, x_bld: jax.Array, state: dict[str, Any] | None = None,
+               return_state: bool = False) -> Any:
+    """y (b, l, d), continuing after `state` (like `init_state`'s) if given; `(y, state after x)` with
+    `return_state`."""
     b, l, d = x_bld.shape
     p, heads = self.head_dim, self.heads
     q_bld, k_bld, v_bld = self._qkv(x_bld)
     impl = self.implementation
-    k_bld = long_conv.causal_conv(k_bld, self.shift_kernel(l), self.shift_skip_d[...], implementation=impl)
-    if p == 1:  # q ⊙ (K ∗ (k̃ ⊙ v) + D k̃ ⊙ v): the gated convolution core
-      out_bld = gated_conv.gated_conv(k_bld, self.ssm.kernel(l), in_gate=v_bld, out_gate=q_bld,
+    window = min(self.d_state, self.seq_len) - 1
+    if state is None:
+      k_shift_bld = long_conv.causal_conv(k_bld, self.shift_kernel(l), self.shift_skip_d[...],
+                                          implementation=impl)
+    else:  # the shift SSM's kernel over [window, k]: min(N, L) taps, as `step` applies it
+      seen_bwd = jnp.concatenate([state["shift"], k_bld], axis=1)
+      k_shift_bld = long_conv.causal_conv(seen_bwd, self.shift_kernel(self.seq_len), self.shift_skip_d[...],
+                                          implementation=impl)[:, window:]
+    if p == 1 and state is None and not return_state:  # q ⊙ (K ∗ (k̃ ⊙ v) + D k̃ ⊙ v): the gated conv core
+      out_bld = gated_conv.gated_conv(k_shift_bld, self.ssm.kernel(l), in_gate=v_bld, out_gate=q_bld,
                                       d_c=self.ssm_skip_h[...], implementation=impl)
       return self.output_linear(out_bld.astype(self.dtype))
-    kv_blhij = self._heads(k_bld)[..., :, None] * self._heads(v_bld)[..., None, :]
+    kv_blhij = self._heads(k_shift_bld)[..., :, None] * self._heads(v_bld)[..., None, :]
     kv_blc = kv_blhij.reshape(b, l, heads * p * p)
     h_lc = jnp.repeat(self.ssm.kernel(l), p * p, axis=1)
     y_blc = long_conv.causal_conv(kv_blc, h_lc, jnp.repeat(self.ssm_skip_h[...], p * p), implementation=impl)
+    if state is not None:  # the diagonal SSM's modes are laid out (b, i, j, h, n): its outputs (b, i, j, l, h)
+      free_bijlh = self.ssm.free_response(state["ssm"], l)
+      y_blc = y_blc + jnp.transpose(free_bijlh, (0, 3, 4, 1, 2)).reshape(b, l, heads * p * p)
     # Σ_i q[h, i] y[h, i, j] as multiply-and-sum: float32 throughout (an einsum may take TF32 on GPU).
     out_blhj = (self._heads(q_bld)[..., None] * y_blc.reshape(b, l, heads, p, p)).sum(axis=-2)
-    return self.output_linear(out_blhj.reshape(b, l, d).astype(self.dtype))
+    y_bld = self.output_linear(out_blhj.reshape(b, l, d).astype(self.dtype))
+    if not return_state:
+      return y_bld
+    state = state or dict(shift=None, ssm=None)
+    return y_bld, dict(shift=_filters.last_inputs(state["shift"], k_bld, window),
+                       ssm=self.ssm.final_state(state["ssm"], jnp.transpose(kv_blhij, (0, 3, 4, 1, 2))))
 
   def init_state(self, batch_size: int) -> dict[str, Any]:
     """The shift SSM's last min(N, L) - 1 inputs (b, ·, d) and the diagonal SSM's modes (b, p, p, H, N/2)."""

@@ -29,8 +29,12 @@ Differences from Zoology's PyTorch `Hyena`:
   trains without dropout).
 - the recurrent form (`init_state` / `step`) is new: Zoology's Hyena has none.
 
-State: the short conv's last k-1 inputs on 3·d channels and the long conv's whole input history,
-3·d·(k-1) + d·L elements per example (plus an integer position).
+State: the short conv's last k-1 inputs on 3·d channels and the long conv's whole input history (of
+x1 ⊙ v), 3·d·(k-1) + d·L elements per example (plus an integer position t). Given a state, `__call__`
+continues after it (prefill → decode): the short conv runs over [window, x W_in] and keeps the last l
+outputs; x1 ⊙ v is written into the history at [t, t+l) and the whole history is convolved once by FFT,
+keeping the outputs at [t, t+l) (`_filters.long_conv_continued`). With `return_state` the state after x
+comes back too (the last k-1 inputs, the history with x1 ⊙ v written in, t + l).
 """
 
 import dataclasses
@@ -102,10 +106,30 @@ class Hyena(nnx.Module):
   def state_size(cfg: HyenaConfig, d_model: int, seq_len: int, layer_idx: int) -> int:
     return 3 * d_model * (cfg.short_filter_order - 1) + d_model * seq_len
 
-  def __call__(self, x_bld: jax.Array) -> jax.Array:
-    u_blc = self.short_filter(self.in_proj(x_bld).astype(jnp.float32))
+  def __call__(self, x_bld: jax.Array, state: dict[str, Any] | None = None,
+               return_state: bool = False) -> Any:
+    """y (b, l, d), continuing after `state` (like `init_state`'s) if given; `(y, state after x)` with
+    `return_state`."""
+    u_blc = self.in_proj(x_bld).astype(jnp.float32)
+    if state is None and not return_state:
+      return self._gated_long_conv(*jnp.split(self.short_filter(u_blc), 3, axis=-1))
+    u_blc, short = _filters.short_conv_continued(self.short_filter, None if state is None else state["short"],
+                                                 u_blc)
     x1_bld, x2_bld, v_bld = jnp.split(u_blc, 3, axis=-1)
-    y_bld = gated_conv.gated_conv(v_bld, self.long_filter(x_bld.shape[1]), in_gate=x1_bld, out_gate=x2_bld,
+    if state is None:
+      y_bld = self._gated_long_conv(x1_bld, x2_bld, v_bld)
+      long = _filters.append_history(
+          layers.long_conv_init_state(x_bld.shape[0], self.seq_len, self.d_model), x1_bld * v_bld)
+    else:
+      v_bld = x1_bld * v_bld
+      hv_bld, long = _filters.long_conv_continued(state["long"], v_bld, self.long_filter(self.seq_len),
+                                                  implementation=self.implementation)
+      y_bld = self.out_proj((x2_bld * (hv_bld + self.filter_bias_d[...] * v_bld)).astype(self.dtype))
+    return (y_bld, dict(short=short, long=long)) if return_state else y_bld
+
+  def _gated_long_conv(self, x1_bld: jax.Array, x2_bld: jax.Array, v_bld: jax.Array) -> jax.Array:
+    """out_proj(x2 ⊙ (h ∗ (x1 ⊙ v) + D ⊙ x1 ⊙ v)), the sequence starting at x1[0]."""
+    y_bld = gated_conv.gated_conv(v_bld, self.long_filter(x1_bld.shape[1]), in_gate=x1_bld, out_gate=x2_bld,
                                   d_c=self.filter_bias_d[...], implementation=self.implementation)
     return self.out_proj(y_bld.astype(self.dtype))
 

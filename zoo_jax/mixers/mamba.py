@@ -49,6 +49,9 @@ LayerNorm. In zoo_jax that is `model.block = 'prenorm'` with `model.state_mixer 
 the residual stream in the compute dtype.
 
 State: the last k-1 conv inputs and the SSM state, e·(k-1) + e·n elements per example per layer.
+Given a state, `__call__` continues after it (prefill → decode): the conv runs over [window, x] and keeps
+the last l outputs, and the selective scan starts from h (either scan); with `return_state` it returns
+the last k-1 conv inputs and the scan's final h as well.
 """
 
 import dataclasses
@@ -60,7 +63,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo_jax import layers
-from zoo_jax.mixers import registry
+from zoo_jax.mixers import _filters, registry
 
 SCANS = ("sequential", "associative")
 DT_INITS = ("random", "constant")
@@ -125,26 +128,35 @@ def ssm_readout(h_ben, c_bn):
   return (h_ben * c_bn[:, None, :]).sum(-1)
 
 
-def selective_scan(x_ble, dt_ble, a_en, b_bln, c_bln, d_e, *, scan: str = "sequential") -> jax.Array:
-  """y (b, l, e) of h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_t, y_t = h_t C_t + D x_t from h = 0, in float32."""
+def selective_scan(x_ble, dt_ble, a_en, b_bln, c_bln, d_e, *, scan: str = "sequential", h0_ben=None,
+                   return_state: bool = False) -> Any:
+  """y (b, l, e) of h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_t, y_t = h_t C_t + D x_t, in float32, from
+  h = `h0_ben` (b, e, n) (None: zeros); `(y, h_l)` with `return_state`. The sequential scan starts its
+  carry at h0 and ends with h_l; the associative scan adds (Π_{s<=t} exp(Δ_s A)) ⊙ h0, the cumulative
+  decay it computes anyway, to every h_t."""
   x_ble, dt_ble, b_bln, c_bln = (v.astype(jnp.float32) for v in (x_ble, dt_ble, b_bln, c_bln))
   if scan == "associative":
     decay_blen = jnp.exp(dt_ble[..., None] * a_en)
     input_blen = (dt_ble * x_ble)[..., None] * b_bln[:, :, None, :]
     combine = lambda early, late: (early[0] * late[0], late[0] * early[1] + late[1])
-    _, h_blen = jax.lax.associative_scan(combine, (decay_blen, input_blen), axis=1)
+    decay_blen, h_blen = jax.lax.associative_scan(combine, (decay_blen, input_blen), axis=1)
+    if h0_ben is not None:
+      h_blen = h_blen + decay_blen * h0_ben[:, None]
     y_ble = (h_blen * c_bln[:, :, None, :]).sum(-1)
+    h_ben = h_blen[:, -1]
   else:
     def token(h_ben, inputs):
       x_be, dt_be, b_bn, c_bn = inputs
       h_ben = ssm_update(h_ben, x_be, dt_be, a_en, b_bn)
       return h_ben, ssm_readout(h_ben, c_bn)
 
-    h0_ben = jnp.zeros((x_ble.shape[0], *a_en.shape), jnp.float32)
+    if h0_ben is None:
+      h0_ben = jnp.zeros((x_ble.shape[0], *a_en.shape), jnp.float32)
     time_major = [jnp.swapaxes(v, 0, 1) for v in (x_ble, dt_ble, b_bln, c_bln)]
-    _, y_lbe = jax.lax.scan(token, h0_ben, time_major, unroll=SCAN_UNROLL)
+    h_ben, y_lbe = jax.lax.scan(token, h0_ben, time_major, unroll=SCAN_UNROLL)
     y_ble = jnp.swapaxes(y_lbe, 0, 1)
-  return y_ble + d_e * x_ble
+  y_ble = y_ble + d_e * x_ble
+  return (y_ble, h_ben) if return_state else y_ble
 
 
 # ------------------------------------------------------------------------------------------- mixer
@@ -209,11 +221,22 @@ class Mamba(nnx.Module):
   def _gate_and_project(self, y, z):
     return self.out_proj((y * jax.nn.silu(z.astype(jnp.float32))).astype(self.dtype))
 
-  def __call__(self, u_bld: jax.Array) -> jax.Array:
+  def __call__(self, u_bld: jax.Array, state: dict[str, Any] | None = None,
+               return_state: bool = False) -> Any:
+    """y (b, l, d), continuing after `state` (like `init_state`'s) if given; `(y, state after u)` with
+    `return_state`: the conv runs over [window, x] and the scan starts from h (see the module docstring)."""
     x_ble, z_ble = jnp.split(self.in_proj(u_bld), 2, axis=-1)
-    x_ble, dt_ble, b_bln, c_bln, a_en = self._ssm_inputs(self.conv(x_ble))
-    y_ble = selective_scan(x_ble, dt_ble, a_en, b_bln, c_bln, self.D[...], scan=self.scan)
-    return self._gate_and_project(y_ble, z_ble)
+    if state is None and not return_state:
+      x_ble, dt_ble, b_bln, c_bln, a_en = self._ssm_inputs(self.conv(x_ble))
+      y_ble = selective_scan(x_ble, dt_ble, a_en, b_bln, c_bln, self.D[...], scan=self.scan)
+      return self._gate_and_project(y_ble, z_ble)
+    x_conv, conv_state = _filters.short_conv_continued(self.conv, None if state is None else state["conv"],
+                                                       x_ble)
+    x_ble, dt_ble, b_bln, c_bln, a_en = self._ssm_inputs(x_conv)
+    y_ble, h_ben = selective_scan(x_ble, dt_ble, a_en, b_bln, c_bln, self.D[...], scan=self.scan,
+                                  h0_ben=None if state is None else state["ssm"], return_state=True)
+    y_bld = self._gate_and_project(y_ble, z_ble)
+    return (y_bld, dict(conv=conv_state, ssm=h_ben)) if return_state else y_bld
 
   def init_state(self, batch_size: int) -> dict[str, Any]:
     """The conv window (b, d_conv-1, e) and the SSM state h (b, e, n), zeros before the sequence."""

@@ -24,6 +24,9 @@ whatever the compute dtype; (exp(dt A) - 1) is computed without float32 cancella
 the recurrent form is new (the standalone layer has only the convolution).
 
 State: N/2 complex modes per channel, stored as real and imaginary float32 parts: d·N elements per example.
+Given a state x0, `__call__` continues after it (prefill → decode): y = K * u + D ⊙ u plus the modes' free
+response 2 Re Σ_n C_n dA_n^(i+1) x0_n; with `return_state` the modes after u come back too, as one
+contraction over the tokens, dA^l x0 + Σ_s dA^(l-1-s) dB u[s] (`_filters.DiagonalSSM`), not a scan.
 """
 
 import dataclasses
@@ -67,10 +70,16 @@ class S4D(nnx.Module):
   def state_size(cfg: S4DConfig, d_model: int, seq_len: int, layer_idx: int) -> int:
     return d_model * cfg.d_state
 
-  def __call__(self, u_bld: jax.Array) -> jax.Array:
+  def __call__(self, u_bld: jax.Array, state: dict[str, jax.Array] | None = None,
+               return_state: bool = False) -> Any:
+    """y (b, l, d), continuing after the modes `state` if given; `(y, modes after u)` with `return_state`."""
     u_bld32 = u_bld.astype(jnp.float32)
     y_bld = long_conv.causal_conv(u_bld32, self.ssm.kernel(u_bld.shape[1]), self.skip_d[...],
                                   implementation=self.implementation)
+    if state is not None:
+      y_bld = y_bld + self.ssm.free_response(state, u_bld.shape[1])
+    if return_state:
+      return self._output(y_bld), self.ssm.final_state(state, u_bld32)
     return self._output(y_bld)
 
   def _output(self, y: jax.Array) -> jax.Array:
