@@ -1,5 +1,6 @@
 """sparse_attention (issue 7): the selection functions on hand-made tokens, the gathered attention against a
-dense masked reference, causality through the selection itself, the auxiliary loss, and the cost in L.
+dense masked reference, causality through the selection itself, the auxiliary loss, the cost in L, and
+prefill → decode from per-example states.
 
 The registry's tests (tests/test_mixers.py) also run four sparse_attention examples: shape/dtype,
 causality by gradient at the selected positions, gradients reaching every parameter, state size.
@@ -302,3 +303,49 @@ def test_a_learned_layer_runs_under_a_jit_that_closes_over_it():
   m = build(selection="learned")
   x = normal((1, 12, D))
   np.testing.assert_allclose(jax.jit(lambda x_: m(x_))(x), m(x), rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------- prefill → decode
+
+
+def scanned_steps(m, x, state):
+  """(state, out) of `step` scanned over x (b, l, d) from `state`."""
+  state, y = jax.lax.scan(lambda c, x_bd: m.step(c, x_bd), state, jnp.swapaxes(x, 0, 1))
+  return state, jnp.swapaxes(y, 0, 1)
+
+
+@pytest.mark.parametrize("keys", ["selected", "all"])
+def test_learned_prefill_continues_from_per_example_states_that_spent_some_budget(keys):
+  """Rows at different positions t and counts n (row 1's budget already spent in part): the parallel form
+  from the stepped state gives the parallel outputs at t .. t + l − 1 and the stepped state after them, with
+  rotary positions offset by t. (tests/test_mixers.py checks a common t at a budget no prefix exhausts.)"""
+  l_total, budget, length = 16, 4, 5
+  m = build(l=l_total, selection="learned", keys=keys, budget=budget, num_heads=2, rotary=True)
+  m.scorer.kernel[...] = normal((D, 1), seed=3)
+  x = normal((2, l_total, D), seed=5)  # selects rows 0: 0, 1, 2, 3; 1: 1, 6, 8, 9
+  out = mixers.apply(m, x)
+  starts = (2, 7)
+  rows = [jax.tree.map(lambda a: a[None], jax.tree.map(lambda a: a[0], scanned_steps(m, x[i:i + 1, :t],
+                                                                                     m.init_state(1))[0]))
+          for i, t in enumerate(starts)]
+  state = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), *rows)
+  np.testing.assert_array_equal(state["n"], [2, 2])  # each continuation spends the rest of the budget
+  chunk = jnp.stack([x[i, t:t + length] for i, t in enumerate(starts)])
+  y, new_state = mixers.apply(m, chunk, state=state, return_state=True)
+  want_state, want_y = scanned_steps(m, chunk, state)
+  for i, t in enumerate(starts):
+    np.testing.assert_allclose(y[i], out[i, t:t + length], rtol=0, atol=1e-5 * float(jnp.abs(out).max()))
+  np.testing.assert_allclose(y, want_y, rtol=0, atol=1e-5 * float(jnp.abs(want_y).max()))
+  for name in ("k", "v", "key_log_gate"):
+    np.testing.assert_allclose(new_state[name], want_state[name], rtol=0, atol=1e-5)
+  np.testing.assert_array_equal(new_state["n"], want_state["n"])
+  np.testing.assert_array_equal(new_state["t"], np.array(starts) + length)
+
+
+@pytest.mark.parametrize("selection", ["random", "programmatic"])
+def test_selections_that_read_token_ids_have_no_state_to_pass(selection):
+  m = build(selection=selection)
+  x, tokens = normal((1, 12, D)), jnp.zeros((1, 12), jnp.int32)
+  with pytest.raises(ValueError, match="has no recurrent state") as err:
+    mixers.apply(m, x, tokens, return_state=True)
+  assert "\n" not in str(err.value)

@@ -15,7 +15,11 @@ Differences from Zoology's PyTorch `MHA`: no attention dropout (Zoology's `MHA` 
 which its MQAR attention configs set; zoo_jax trains without dropout everywhere); the softmax is
 `jax.nn.dot_product_attention`, which XLA fuses, and on GPU can use cuDNN.
 
-State: the KV cache, 2·d·L elements per example per layer.
+State: the KV cache, 2·d·L elements per example per layer: keys (rotated when `rotary`) and values of
+the positions seen so far at cache slots 0 .. t − 1, and the per-example position t. Given a state, the
+parallel form continues from it (prefill → decode): the keys and values of its l positions go into cache
+slots t .. t + l − 1 (t + l <= L), their queries attend causally over slots 0 .. t + i, and rotary positions
+run t .. t + l − 1. `step` is the same computation for l = 1.
 """
 
 import dataclasses
@@ -81,7 +85,13 @@ class Attention(nnx.Module):
   def state_size(cfg: AttentionConfig, d_model: int, seq_len: int, layer_idx: int) -> int:
     return 2 * d_model * seq_len
 
-  def __call__(self, x_bld: jax.Array) -> jax.Array:
+  def __call__(self, x_bld: jax.Array, state: dict[str, jax.Array] | None = None,
+               return_state: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+    """Causal attention over x; with `state`, x's positions follow the cached ones (module docstring).
+    With `return_state`, also the KV cache after x."""
+    if state is not None:
+      state, y_bld = self.extend_cache(state, x_bld)
+      return (y_bld, state) if return_state else y_bld
     b, l, d = x_bld.shape
     qkv = self.qkv_proj(x_bld).reshape(b, l, 3, self.num_heads, d // self.num_heads)
     q_blhk, k_blhk, v_blhk = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -90,7 +100,13 @@ class Attention(nnx.Module):
       q_blhk = apply_rotary(q_blhk, positions_bl, self.rotary_base)
       k_blhk = apply_rotary(k_blhk, positions_bl, self.rotary_base)
     y_blhk = jax.nn.dot_product_attention(q_blhk, k_blhk, v_blhk, is_causal=True)
-    return self.out_proj(y_blhk.reshape(b, l, d))
+    y_bld = self.out_proj(y_blhk.reshape(b, l, d))
+    if not return_state:
+      return y_bld
+    # The cache of a prefill from position 0: this pass's keys and values in slots 0 .. l − 1.
+    cache = self.init_state(b)
+    write = lambda cache_bshk, new_blhk: cache_bshk.at[:, :l].set(new_blhk.astype(cache_bshk.dtype))
+    return y_bld, dict(k=write(cache["k"], k_blhk), v=write(cache["v"], v_blhk), t=cache["t"] + l)
 
   def init_state(self, batch_size: int) -> dict[str, jax.Array]:
     """The KV cache for L positions, (b, L, h, d/h) each, and the position."""
@@ -98,18 +114,26 @@ class Attention(nnx.Module):
     return dict(k=jnp.zeros(shape, jnp.float32), v=jnp.zeros(shape, jnp.float32),
                 t=jnp.zeros((batch_size,), jnp.int32))
 
+  def extend_cache(self, state: dict[str, jax.Array], x_bld: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
+    """l tokens after the state's t: their keys and values go into cache slots t .. t + l − 1 (one
+    dynamic_update_slice per example; t + l must not pass the cache's length), and query i attends over
+    slots 0 .. t + i. In float32, as the cache is."""
+    b, l, d = x_bld.shape
+    qkv = self.qkv_proj(x_bld).astype(jnp.float32).reshape(b, l, 3, self.num_heads, d // self.num_heads)
+    q_blhk, k_blhk, v_blhk = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    t_b = state["t"]
+    positions_bl = t_b[:, None] + jnp.arange(l)
+    if self.rotary:
+      q_blhk = apply_rotary(q_blhk, positions_bl, self.rotary_base)
+      k_blhk = apply_rotary(k_blhk, positions_bl, self.rotary_base)
+    put = jax.vmap(lambda cache_shk, t, new_lhk: jax.lax.dynamic_update_slice_in_dim(cache_shk, new_lhk, t, 0))
+    k_cache, v_cache = put(state["k"], t_b, k_blhk), put(state["v"], t_b, v_blhk)
+    mask_bls = jnp.arange(k_cache.shape[1])[None, None] <= positions_bl[:, :, None]
+    y_blhk = jax.nn.dot_product_attention(q_blhk, k_cache, v_cache, mask=mask_bls[:, None])
+    y_bld = self.out_proj(y_blhk.reshape(b, l, d).astype(x_bld.dtype))
+    return dict(k=k_cache, v=v_cache, t=t_b + l), y_bld
+
   def step(self, state: dict[str, jax.Array], x_bd: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
     """One token: append k, v to the cache and attend over the positions filled so far."""
-    b, d = x_bd.shape
-    qkv = self.qkv_proj(x_bd).astype(jnp.float32).reshape(b, 3, self.num_heads, d // self.num_heads)
-    t_b = state["t"]
-    if self.rotary:
-      qkv = jnp.stack([apply_rotary(qkv[:, None, 0], t_b[:, None], self.rotary_base)[:, 0],
-                       apply_rotary(qkv[:, None, 1], t_b[:, None], self.rotary_base)[:, 0], qkv[:, 2]], axis=1)
-    put = jax.vmap(lambda cache, t, new: cache.at[t].set(new))
-    k_blhk, v_blhk = put(state["k"], t_b, qkv[:, 1]), put(state["v"], t_b, qkv[:, 2])
-    mask_1l = jnp.arange(self.seq_len)[None] <= t_b[:, None]
-    y_bhk = jax.nn.dot_product_attention(qkv[:, None, 0], k_blhk, v_blhk,
-                                         mask=mask_1l[:, None, None, :])[:, 0]
-    y_bd = self.out_proj(y_bhk.reshape(b, d).astype(x_bd.dtype))
-    return dict(k=k_blhk, v=v_blhk, t=t_b + 1), y_bd
+    state, y_b1d = self.extend_cache(state, x_bd[:, None])
+    return state, y_b1d[:, 0]

@@ -15,7 +15,10 @@ Computed block by block (the sequence padded at the end to a multiple of b, padd
 parallel form costs O(L·b·d), not O(L²·d).
 
 State: the keys and values of the current block, reset (overwritten, masked) at block boundaries:
-2·d·min(b, L) elements per example.
+2·d·min(b, L) elements per example. After t tokens, slot s holds the latest token p < t with p ≡ s (mod b):
+slots below t mod b the current block, the rest the block before (masked; zeros in the first block). The
+parallel form continues from it (prefill → decode) by running its blocks over the c = t mod b cached keys of
+the current block followed by its own l, and returns each slot's latest token.
 """
 
 import dataclasses
@@ -53,16 +56,24 @@ class BlockedAttention(LocalAttention):
   def state_size(cfg: BlockedConfig, d_model: int, seq_len: int, layer_idx: int) -> int:
     return 2 * d_model * BlockedAttention.cache_len(cfg, seq_len)
 
-  def __call__(self, x_bld: jax.Array) -> jax.Array:
-    b, l, d = x_bld.shape
+  def attend(self, q_blhk: jax.Array, k_blhk: jax.Array, v_blhk: jax.Array) -> jax.Array:
+    b, l, h, k = q_blhk.shape
     block = min(self.hparams.block_size, l)
     n_blocks = -(-l // block)
     # Padding goes after the last real token, so causal masking keeps it away from every real query.
-    x_bld = jnp.pad(x_bld, ((0, 0), (0, n_blocks * block - l), (0, 0)))
-    to_blocks = lambda t_blhk: t_blhk.reshape(b * n_blocks, block, *t_blhk.shape[2:])
-    q, k, v = map(to_blocks, self.qkv_blhk(x_bld))
-    y_blhk = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, n_blocks * block, d)
-    return self.out_proj(y_blhk[:, :l])
+    pad = ((0, 0), (0, n_blocks * block - l), (0, 0), (0, 0))
+    to_blocks = lambda a_blhk: jnp.pad(a_blhk, pad).reshape(b * n_blocks, block, h, k)
+    y_blhk = jax.nn.dot_product_attention(*map(to_blocks, (q_blhk, k_blhk, v_blhk)), is_causal=True)
+    return y_blhk.reshape(b, n_blocks * block, h, k)[:, :l]
+
+  def context_slots(self, t_b: jax.Array) -> jax.Array:
+    return t_b % self.hparams.block_size  # the current block's tokens so far
+
+  def slots_after(self, c_b: jax.Array, l: int) -> jax.Array:
+    """Slot s: the latest of the c + l filled rows r with r ≡ s (mod b) (the buffer starts a block), or row s
+    (the cache's own slot s, untouched) if there is none."""
+    s_n, block = jnp.arange(self.seq_len), self.hparams.block_size
+    return s_n + block * jnp.maximum((c_b[:, None] + l - 1 - s_n) // block, 0)
 
   def cache_view(self, state: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Token t goes to slot t mod b: a new block overwrites the old one from slot 0, and the slots past

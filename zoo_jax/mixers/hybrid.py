@@ -4,8 +4,9 @@ even layers and attention in odd ones (the paper's Section 5 hybrids; Zoology's 
 Hyperparameters: `mixers`, a list of mixer configs (each `{'name': ..., **hparams}`); layer i gets
 `mixers[i % len(mixers)]`. The default is Based's front end pairing, `[base_conv k=3, attention]`.
 
-State: that of the mixer used at the layer. Token ids (`tokens_bl`) are passed on to a layer mixer that reads
-them (`uses_tokens`, e.g. sparse_attention's programmatic selection).
+State: that of the mixer used at the layer; `state` and `return_state` (prefill → decode) are passed on to
+it, so the parallel form continues from a state as that mixer's does. Token ids (`tokens_bl`) are passed on
+to a layer mixer that reads them (`uses_tokens`, e.g. sparse_attention's programmatic selection).
 """
 
 import dataclasses
@@ -50,8 +51,9 @@ class Hybrid(nnx.Module):
     return registry.state_size(cfg.layer_mixer(layer_idx), d_model=d_model, seq_len=seq_len,
                                layer_idx=layer_idx)
 
-  def __call__(self, x_bld: jax.Array, tokens_bl: jax.Array | None = None) -> jax.Array:
-    return registry.apply(self.mixer, x_bld, tokens_bl)
+  def __call__(self, x_bld: jax.Array, tokens_bl: jax.Array | None = None, state: Any = None,
+               return_state: bool = False) -> Any:
+    return registry.apply(self.mixer, x_bld, tokens_bl, state=state, return_state=return_state)
 
   def init_state(self, batch_size: int) -> Any:
     return self.mixer.init_state(batch_size)

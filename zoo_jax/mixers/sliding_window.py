@@ -15,7 +15,10 @@ Differences from Zoology's PyTorch `SlidingAttn`: masked keys get −inf (throug
 `jax.nn.dot_product_attention`'s `local_window_size`) rather than an additive −10000, so they get exactly
 zero weight; `num_heads` may be > 1; no attention dropout (Zoology's configs set it to 0).
 
-State: a shift register of the last min(w + 1, L) keys and values, 2·d·min(w + 1, L) elements per example.
+State: a shift register of the last min(w + 1, L) keys and values, 2·d·min(w + 1, L) elements per example:
+after t tokens its n = min(w + 1, L) slots hold tokens max(t, n) − n .. t − 1 in order (zeros past them
+while t < n). The parallel form continues from it (prefill → decode) by attending over those c = min(t, n)
+cached keys followed by its own l, and returns the last n of them.
 """
 
 import dataclasses
@@ -53,12 +56,16 @@ class SlidingWindowAttention(LocalAttention):
   def state_size(cfg: SlidingWindowConfig, d_model: int, seq_len: int, layer_idx: int) -> int:
     return 2 * d_model * SlidingWindowAttention.cache_len(cfg, seq_len)
 
-  def __call__(self, x_bld: jax.Array) -> jax.Array:
-    b, l, d = x_bld.shape
-    q_blhk, k_blhk, v_blhk = self.qkv_blhk(x_bld)
-    y_blhk = jax.nn.dot_product_attention(q_blhk, k_blhk, v_blhk, is_causal=True,
-                                         local_window_size=(self.hparams.window_size, 0))
-    return self.out_proj(y_blhk.reshape(b, l, d))
+  def attend(self, q_blhk: jax.Array, k_blhk: jax.Array, v_blhk: jax.Array) -> jax.Array:
+    return jax.nn.dot_product_attention(q_blhk, k_blhk, v_blhk, is_causal=True,
+                                        local_window_size=(self.hparams.window_size, 0))
+
+  def context_slots(self, t_b: jax.Array) -> jax.Array:
+    return jnp.minimum(t_b, self.seq_len)  # every cached token is in the next token's window
+
+  def slots_after(self, c_b: jax.Array, l: int) -> jax.Array:
+    """The last n of the c + l filled rows, in order (rows 0 .. n − 1 while fewer are filled)."""
+    return jnp.maximum(c_b + l - self.seq_len, 0)[:, None] + jnp.arange(self.seq_len)
 
   def cache_view(self, state: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Until the cache is full, token t goes to slot t; from then on the oldest token is shifted out and

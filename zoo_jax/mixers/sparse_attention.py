@@ -51,7 +51,13 @@ no formula.
 State: the KV cache, 2·d·L for full; 2·d·min(k, L) with keys='selected' and 2·d·L with keys='all', plus one
 log-gate per cached key for learned selection ((2·d + 1)·min(k, L) or (2·d + 1)·L). Recurrent form
 (`init_state` / `step`) for full and learned selections; random and programmatic selections read token ids,
-which a step does not take.
+which a step does not take, so they have neither a state nor a parallel form that continues from one.
+
+Prefill → decode (full and learned): given a state, the parallel form continues after its t positions and
+n selected ones. full: `Attention`'s KV cache. learned: of the l new positions, the first k − n with s > 0
+are selected (slots n, n + 1, ... with keys='selected'; with keys='all' every new key and its log-gate go to
+slots t .. t + l − 1); their keys and values are projected in parallel and written into the cache, and the
+selected queries attend over the cache's filled slots at or before their own.
 """
 
 import dataclasses
@@ -233,11 +239,21 @@ class SparseAttention(Attention):
     qkv = qkv.reshape(b, n, 3, self.num_heads, self.d_model // self.num_heads)
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
-  def __call__(self, x_bld: jax.Array, tokens_bl: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x_bld: jax.Array, tokens_bl: jax.Array | None = None,
+               state: dict[str, jax.Array] | None = None,
+               return_state: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+    """Sparse attention over x (module docstring); with `state`, continuing after the positions it has seen;
+    with `return_state`, also the state after x (full and learned selections)."""
     cfg = self.cfg
     if cfg.selection == "full":
-      return super().__call__(x_bld)
+      return super().__call__(x_bld, state=state, return_state=return_state)
     b, l, d = x_bld.shape
+    if state is not None or return_state:
+      if self.uses_tokens:
+        raise ValueError(f"sparse_attention with selection={cfg.selection!r} has no recurrent state (it reads "
+                         "token ids, which a step does not take): call it without state= and return_state=")
+      state, y_bld = self.continue_learned(self.init_state(b) if state is None else state, x_bld)
+      return (y_bld, state) if return_state else y_bld
     k = min(cfg.budget, l)
     selected_bl, score_bl = self.selection(x_bld, tokens_bl)
     positions_bk, valid_bk = first_k(selected_bl, k)
@@ -280,3 +296,53 @@ class SparseAttention(Attention):
           pass
     out_bkd = self.out_proj(y_bkd)
     return jnp.zeros((b, l, d), out_bkd.dtype).at[rows_b1, positions_bk].set(out_bkd, mode="drop")
+
+  def continue_learned(self, state: dict[str, jax.Array],
+                       x_bld: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
+    """Learned selection over l tokens after the state's t tokens, n of them selected (module docstring): the
+    first k − n new positions with s > 0 are selected; all in parallel, in float32 as the cache is. Inference:
+    no auxiliary loss is sown (as in `step`)."""
+    cfg = self.cfg
+    b, l, d = x_bld.shape
+    budget = min(cfg.budget, self.seq_len)
+    n_b, t_b = state["n"], state["t"]
+    score_bl = self.scorer(x_bld.astype(jnp.float32))[..., 0]
+    positive_bl = score_bl > 0
+    selected_bl = positive_bl & (n_b[:, None] + jnp.cumsum(positive_bl, axis=1) <= budget)
+    positions_bk, valid_bk = first_k(selected_bl, min(budget, l))
+    safe_bk = jnp.minimum(positions_bk, l - 1)  # empty slots read the last row; their output is dropped
+    rows_b1 = jnp.arange(b)[:, None]
+    log_gate_bl = jax.nn.log_sigmoid(score_bl)
+    # j: the new keys, one per selected position (keys='selected') or one per position (keys='all').
+    if cfg.keys == "selected":
+      # New keys only at the selected positions: the j-th goes to slot n + j (an empty one nowhere).
+      q_bkhe, k_bjhe, v_bjhe = self._split_heads(self.qkv_proj(x_bld[rows_b1, safe_bk]).astype(jnp.float32))
+      key_positions_bj = t_b[:, None] + safe_bk
+      slots_bk = jnp.where(valid_bk, n_b[:, None] + jnp.arange(positions_bk.shape[1]), budget)
+      log_gate_bj = log_gate_bl[rows_b1, safe_bk]
+      put = lambda cache, new: cache.at[rows_b1, slots_bk].set(new, mode="drop")
+      query_slots_bk = n_b[:, None] + jnp.arange(positions_bk.shape[1])
+    else:
+      # Every new position is a key, at slots t .. t + l − 1; the queries are gathered from the projected rows.
+      q_blhe, k_bjhe, v_bjhe = self._split_heads(self.qkv_proj(x_bld).astype(jnp.float32))
+      q_bkhe = q_blhe[rows_b1, safe_bk]
+      key_positions_bj = t_b[:, None] + jnp.arange(l)
+      log_gate_bj = log_gate_bl
+      put_row = jax.vmap(lambda cache, new, t: jax.lax.dynamic_update_slice_in_dim(cache, new, t, 0))
+      put = lambda cache, new: put_row(cache, new, t_b)
+      query_slots_bk = t_b[:, None] + safe_bk
+    if self.rotary:
+      q_bkhe = apply_rotary(q_bkhe, t_b[:, None] + safe_bk, self.rotary_base)
+      k_bjhe = apply_rotary(k_bjhe, key_positions_bj, self.rotary_base)
+    k_cache, v_cache = put(state["k"], k_bjhe), put(state["v"], v_bjhe)
+    key_log_gate = put(state["key_log_gate"], log_gate_bj)
+    # A query sees the filled slots up to its own (slot 0 at least: an empty query's softmax stays defined).
+    mask_bks = jnp.arange(k_cache.shape[1]) <= query_slots_bk[..., None]
+    y_bkhe = jax.nn.dot_product_attention(q_bkhe, k_cache, v_cache, bias=key_log_gate[:, None, None, :],
+                                         mask=mask_bks[:, None])
+    gate_bk = jax.nn.sigmoid(score_bl)[rows_b1, safe_bk]
+    y_bkd = (y_bkhe.reshape(b, -1, d) * gate_bk[..., None]).astype(x_bld.dtype)
+    out_bkd = self.out_proj(y_bkd)
+    y_bld = jnp.zeros((b, l, d), out_bkd.dtype).at[rows_b1, positions_bk].set(out_bkd, mode="drop")
+    n_b = n_b + jnp.sum(selected_bl, axis=1, dtype=jnp.int32)
+    return dict(k=k_cache, v=v_cache, key_log_gate=key_log_gate, n=n_b, t=t_b + l), y_bld
