@@ -4,7 +4,8 @@ The shared spec (tests/test_mixers.py) covers shapes, dtypes, causality, gradien
 parallel at the defaults; here: the feature map is the Taylor-2 expansion of exp(q·k/√f) and matches
 Zoology's full map, the quadratic, chunked ('linear') and recurrent forms equal a token-by-token float64
 reference (other heads, feature widths, lengths not a multiple of the chunk), the state size and the
-hyperparameter errors.
+hyperparameter errors. State passing (prefill → decode): both forms, prefilled over x[:, :t] and
+continued from their state, give the whole sequence's output and the recurrence's sums.
 """
 
 import math
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from test_mixer_mamba2_gla import assert_bfloat16_state_is_init_states, assert_prefill_continues
 from zoo_jax import mixers
 from zoo_jax.mixers import based
 from zoo_jax.ops import feature_maps
@@ -120,6 +122,16 @@ def test_mixer_forms_are_the_naive_mixer(hparams):
   scale = np.abs(expected).max()
   chex.assert_trees_all_close(np.asarray(out, np.float64), expected, atol=1e-5 * scale)
   chex.assert_trees_all_close(np.asarray(out_recurrent, np.float64), expected, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("hparams", HPARAMS + [
+    pytest.param(dict(feature_dim=4, parallel_implementation="linear", chunk_size=1), id="f=4,linear,chunk=1")])
+def test_prefill_then_the_rest_from_its_state_is_the_whole_sequence(hparams):
+  """Prefix lengths 1, a chunk boundary, one past it and one short of the end, L = 13: outputs and the
+  sums Σ φ(k) vᵀ, Σ φ(k) (the padding of a partial last chunk must not enter Σ φ(k): φ(0) is not 0)."""
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 13, 16)) * 4, jnp.float32)
+  assert_prefill_continues(_build(**hparams), x, (1, 5, 6, 12))
+  assert_bfloat16_state_is_init_states({"name": "based", **hparams})
 
 
 def test_bfloat16_mixer_is_finite_and_close_on_large_inputs():

@@ -6,7 +6,10 @@ at the defaults (one chunk: L = 12); here: the chunked recurrence equals the tok
 1, 4, 16, 64 at lengths they do not divide, with a scalar (SSD) and a per-channel (GLA) decay, at log-decay
 −20 per step too (values and gradients); each whole mixer, chunked and stepped, equals its definition
 written independently in float64; the state sizes are their formulas; bad hyperparameters are one-line
-errors.
+errors. State passing (prefill → decode): the chunked recurrence from a non-zero initial state returns the
+token loop's outputs and final state; each mixer, prefilled over x[:, :t] and continued from its state
+over x[:, t:], gives its whole-sequence output and the token recurrence's state, over several chunks and
+through the short conv; in bfloat16 the state keeps `init_state`'s structure, shapes and dtypes.
 """
 
 import chex
@@ -47,16 +50,17 @@ def assert_close_to_scale(actual, expected, rtol=RTOL, msg=""):
 # ------------------------------------------------------------------------ the chunked recurrence
 
 
-def token_loop(q, k, v, log_decay):
-  """S_t = diag(exp(γ_t)) S_{t−1} + k_t v_tᵀ, o_t = S_tᵀ q_t, in float64, one token at a time."""
+def token_loop(q, k, v, log_decay, state=None, return_state=False):
+  """S_t = diag(exp(γ_t)) S_{t−1} + k_t v_tᵀ, o_t = S_tᵀ q_t, in float64, one token at a time, from
+  `state` (default 0); with `return_state` also the final S."""
   q, k, v, log_decay = map(f64, (q, k, v, log_decay))
   b, l, h, dk = q.shape
-  state = np.zeros((b, h, dk, v.shape[-1]))
+  state = np.zeros((b, h, dk, v.shape[-1])) if state is None else f64(state)
   out = np.zeros((b, l, h, v.shape[-1]))
   for t in range(l):
     state = np.exp(log_decay[:, t])[..., None] * state + k[:, t, ..., None] * v[:, t, :, None, :]
     out[:, t] = np.einsum("bhk,bhkv->bhv", q[:, t], state)
-  return out
+  return (out, state) if return_state else out
 
 
 def recurrence_inputs(decay_width, length=LENGTH, strong=False, seed=0):
@@ -83,6 +87,20 @@ def test_chunked_form_is_the_token_loop(decay_width, chunk, strong):
   q, k, v, log_decay = recurrence_inputs(decay_width, strong=strong)
   out = jax.jit(chunked_gla.chunked, static_argnums=4)(q, k, v, log_decay, chunk)
   assert_close_to_scale(out, token_loop(q, k, v, log_decay), msg=f"chunk {chunk}")
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("decay_width", DECAYS)
+@pytest.mark.parametrize("strong", [False, True], ids=["decay<=0.5", "decay=20"])
+def test_chunked_form_from_an_initial_state_is_the_token_loop(decay_width, chunk, strong):
+  """fla's `initial_state` / `output_final_state`: from a unit-scale S_0 (what earlier tokens left), the
+  outputs and the final state (after a partial last chunk: its padding must not decay the state)."""
+  q, k, v, log_decay = recurrence_inputs(decay_width, strong=strong)
+  state0 = _normal((2, 2, 4, 3), seed=3)
+  out, state = jax.jit(chunked_gla.chunked, static_argnums=(4, 6))(q, k, v, log_decay, chunk, state0, True)
+  expected_out, expected_state = token_loop(q, k, v, log_decay, state0, return_state=True)
+  assert_close_to_scale(out, expected_out, msg=f"chunk {chunk}: outputs")
+  assert_close_to_scale(state, expected_state, msg=f"chunk {chunk}: final state")
 
 
 def test_recurrent_step_is_the_token_loop():
@@ -233,6 +251,71 @@ def test_chunked_and_recurrent_forms_are_the_definition(cfg, definition, length)
   apply, params = functional(module)
   assert_close_to_scale(jax.jit(apply)(params, x), expected, msg="chunked")
   assert_close_to_scale(run_recurrent(module, x), expected, msg="recurrent")
+
+
+def assert_prefill_continues(module: nnx.Module, x, prefix_lengths, rtol=RTOL):
+  """For each t: `y, s = m(x[:, :t], return_state=True)`, then `m(x[:, t:], state=s, return_state=True)`:
+  the outputs are m(x)'s and the state is the token recurrence's over all of x (float leaves within rtol of
+  the leaf's scale, integer leaves equal). One jit for all t."""
+  graphdef, params = nnx.split(module)
+
+  def run(x):
+    m = nnx.merge(graphdef, params)
+    recurrent_state, _ = jax.lax.scan(m.step, m.init_state(x.shape[0]), jnp.swapaxes(x, 0, 1))
+    results = []
+    for t in prefix_lengths:
+      y_prefill, state = m(x[:, :t], return_state=True)
+      y_rest, state = m(x[:, t:], state=state, return_state=True)
+      results.append((jnp.concatenate([y_prefill, y_rest], axis=1), state))
+    return m(x), recurrent_state, results
+
+  whole, recurrent_state, results = jax.jit(run)(x)
+  for t, (y, state) in zip(prefix_lengths, results):
+    assert_close_to_scale(y, whole, rtol, msg=f"prefill {t}, then the rest from its state")
+    assert jax.tree.structure(state) == jax.tree.structure(recurrent_state), t
+    leaves = zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(recurrent_state))
+    for (path, got), want in leaves:
+      where = f"prefill {t}: state{jax.tree_util.keystr(path)}"
+      assert (got.shape, got.dtype) == (want.shape, want.dtype), where
+      if jnp.issubdtype(want.dtype, jnp.floating):
+        if want.size:  # a conv of width 1 keeps an empty window
+          assert_close_to_scale(got, want, rtol, msg=where)
+      else:
+        np.testing.assert_array_equal(got, want, err_msg=where)
+
+
+def assert_bfloat16_state_is_init_states(cfg: dict, length: int = 13) -> None:
+  """In bfloat16 the state after x (from `init_state`, and from a given state) has `init_state`'s
+  structure, shapes and dtypes (float32 leaves stay float32), by shape evaluation only."""
+  module = mixers.build(cfg, d_model=D, seq_len=length, layer_idx=0, n_layers=N_LAYERS, rngs=nnx.Rngs(0),
+                        dtype=jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((2, length, D), jnp.bfloat16)
+  want = jax.eval_shape(lambda: module.init_state(2))
+  for given in (None, want):
+    y, state = jax.eval_shape(lambda x, s: module(x, state=s, return_state=True), x, given)
+    assert (y.shape, y.dtype) == (x.shape, x.dtype)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), state) == jax.tree.map(lambda a: (a.shape, a.dtype), want)
+
+
+PREFILL_CASES = [  # (config, length, prefix lengths): several chunks, partial last chunks, the short conv
+    ({"name": "mamba2", "chunk_size": 4, "ngroups": 2, "head_dim": 8, "d_state": 8}, 23, (1, 8, 22)),
+    ({"name": "mamba2", "chunk_size": 64}, 67, (5, 64)),
+    ({"name": "mamba2", "chunk_size": 4, "d_conv": 1, "d_state": 8}, 13, (6,)),  # an empty conv window
+    ({"name": "gla", "chunk_size": 4, "use_short_conv": True}, 23, (1, 8, 22)),
+    ({"name": "gla", "chunk_size": 16, "num_heads": 2, "gate_logit_normalizer": 1, "clamp_min": -2.0}, 37,
+     (5, 16)),
+]
+
+
+@pytest.mark.parametrize("cfg,length,prefix_lengths", PREFILL_CASES,
+                         ids=[",".join(f"{k}={v}" for k, v in cfg.items()) for cfg, _, _ in PREFILL_CASES])
+def test_prefill_then_the_rest_from_its_state_is_the_whole_sequence(cfg, length, prefix_lengths):
+  """Prefix lengths of one token, inside a chunk, at a chunk boundary, one short of the end; the short
+  conv's window crosses every cut."""
+  module = randomise(build(cfg, length))
+  x = _normal((2, length, D), seed=length + 1)
+  assert_prefill_continues(module, x, prefix_lengths)
+  assert_bfloat16_state_is_init_states(cfg)
 
 
 def test_mamba2_heads_are_mamba_ssm_s_at_zoology_widths():

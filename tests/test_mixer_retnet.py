@@ -4,7 +4,10 @@ The shared spec (tests/test_mixers.py) checks shapes, dtypes, causality, gradien
 at the defaults (one chunk: L = 12 < 64); here: the whole mixer against the paper's definition written
 independently (complex rotation, explicit sums of decayed scores), the parallel, chunkwise and recurrent
 forms agreeing at lengths the chunk size does not divide, the chunkwise kernel at extreme decays, the
-per-head decays, bfloat16 over many chunks, the state size and the hyperparameter errors.
+per-head decays, bfloat16 over many chunks, the state size and the hyperparameter errors. State passing
+(prefill → decode): both forms, prefilled over x[:, :t] and continued from their state, give the whole
+sequence's output and the recurrence's state (positions too), and rows at different positions continue
+each from its own.
 """
 
 import chex
@@ -14,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from test_mixer_mamba2_gla import assert_bfloat16_state_is_init_states, assert_prefill_continues
 from test_mixers import functional, run_recurrent  # the shared spec's pure apply and scanned steps
 from zoo_jax import mixers
 from zoo_jax.mixers import retnet
@@ -105,6 +109,34 @@ def test_chunkwise_retention_is_the_parallel_one_at_extreme_decays(log_gamma):
   parallel = jax.jit(retnet.retention_parallel)(q, k, v, log_gamma_h)
   chunkwise = jax.jit(retnet.retention_chunkwise, static_argnums=4)(q, k, v, log_gamma_h, 8)
   assert_close_to_scale(chunkwise, parallel)
+
+
+@pytest.mark.parametrize("form,chunk_size", [("chunkwise", 5), ("chunkwise", 3), ("chunkwise", 1),
+                                             ("parallel", 64)])
+def test_prefill_then_the_rest_from_its_state_is_the_whole_sequence(form, chunk_size):
+  """Prefix lengths 1, a chunk boundary, one past it and one short of the end, L = 13 (no chunk divides
+  the rest): outputs, S and the position counter."""
+  module = with_random_norm_affine(build(13, num_heads=4, form=form, chunk_size=chunk_size))
+  assert_prefill_continues(module, _normal((2, 13, D), seed=9), (1, 5, 6, 12), RTOL)
+  assert_bfloat16_state_is_init_states({"name": "retnet", "form": form, "chunk_size": chunk_size})
+
+
+@pytest.mark.parametrize("form", ["chunkwise", "parallel"])
+def test_rows_at_different_positions_continue_each_from_its_own(form):
+  """A batch whose rows have seen 2 and 7 tokens (states stacked): the parallel form rotates each row
+  from its own counter and decays its own S, as each row's token recurrence does."""
+  module = build(13, form=form, chunk_size=4)
+  seen, rest = (2, 7), _normal((2, 6, D), seed=11)
+  prefix = [_normal((1, t, D), seed=t) for t in seen]
+
+  def run(prefix, rest):
+    states = [jax.lax.scan(module.step, module.init_state(1), jnp.swapaxes(x, 0, 1))[0] for x in prefix]
+    state = jax.tree.map(lambda *rows: jnp.concatenate(rows), *states)
+    _, y_recurrent = jax.lax.scan(module.step, state, jnp.swapaxes(rest, 0, 1))
+    return module(rest, state=state), jnp.swapaxes(y_recurrent, 0, 1)
+
+  y, y_recurrent = jax.jit(run)(prefix, rest)
+  assert_close_to_scale(y, y_recurrent, msg=form)
 
 
 def test_head_decays_are_the_papers():

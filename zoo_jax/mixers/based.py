@@ -36,7 +36,9 @@ Differences from Zoology's PyTorch `Based`:
 
 State: per head the sums Σ φ(k) vᵀ (e × d/h) and Σ φ(k) (e): e·(d + h) elements per example, with
 e = 1 + f + f(f+1)/2 — the count Zoology's `Based.state_size` reports (its `expanded_size` is the compact
-map's width).
+map's width). `__call__(x, state=..., return_state=True)` continues from such a state (prefill → decode):
+both parallel forms add φ(q_t)ᵀ Σ φ(k) vᵀ and φ(q_t)ᵀ Σ φ(k) of the state to every numerator and
+denominator, and the state after x adds Σ φ(k_s) v_sᵀ and Σ φ(k_s) over x (one contraction each).
 """
 
 import dataclasses
@@ -85,13 +87,29 @@ def _masked_kernel(q_bhlf, k_bhmf):
   return jnp.where(jnp.tril(jnp.ones((l, l), bool)), taylor_exp_kernel(q_bhlf, k_bhmf), 0.0)
 
 
-def quadratic(q_bhlf, k_bhlf, v_bhlv, eps: float) -> jax.Array:
+def quadratic(q_bhlf, k_bhlf, v_bhlv, eps: float, state=None) -> jax.Array:
+  """The quadratic form; after a `state` (the sums Σ φ(k) vᵀ `kv` (b, h, e, v) and Σ φ(k) `k_sum` (b, h, e)
+  of earlier positions) every query also reads those sums through φ(q)."""
   a_bhlm = _masked_kernel(q_bhlf, k_bhlf)
-  return (a_bhlm @ v_bhlv) / (a_bhlm.sum(-1, keepdims=True) + eps)
+  num, den = a_bhlm @ v_bhlv, a_bhlm.sum(-1, keepdims=True)
+  if state is not None:
+    phi_q = taylor_exp(q_bhlf)
+    num = num + jnp.einsum("bhle,bhev->bhlv", phi_q, state["kv"])
+    den = den + jnp.einsum("bhle,bhe->bhl", phi_q, state["k_sum"])[..., None]
+  return num / (den + eps)
 
 
-def chunked(q_bhlf, k_bhlf, v_bhlv, eps: float, chunk_size: int) -> jax.Array:
-  """The linear form: quadratic within chunks, the sums of all earlier chunks through φ."""
+def final_state(k_bhlf, v_bhlv, state=None) -> dict[str, jax.Array]:
+  """The sums after these positions: Σ φ(k) vᵀ and Σ φ(k) over them, plus `state`'s (earlier positions')."""
+  phi_k = taylor_exp(k_bhlf)
+  sums = dict(kv=jnp.einsum("bhle,bhlv->bhev", phi_k, v_bhlv, precision=jax.lax.Precision.HIGHEST),
+              k_sum=phi_k.sum(axis=2))
+  return sums if state is None else jax.tree.map(jnp.add, state, sums)
+
+
+def chunked(q_bhlf, k_bhlf, v_bhlv, eps: float, chunk_size: int, state=None) -> jax.Array:
+  """The linear form: quadratic within chunks, the sums of all earlier chunks through φ (and, after a
+  `state` as `quadratic`'s, the sums of the earlier positions too)."""
   b, h, l, f = q_bhlf.shape
   c = min(chunk_size, l)
   n = -(-l // c)
@@ -103,6 +121,8 @@ def chunked(q_bhlf, k_bhlf, v_bhlv, eps: float, chunk_size: int) -> jax.Array:
   k_sum_bhne = phi_k.sum(axis=3)
   # Sums over the chunks before each chunk: the exclusive cumulative sum.
   kv_before, k_before = (jnp.cumsum(x, axis=2) - x for x in (kv_bhnev, k_sum_bhne))
+  if state is not None:
+    kv_before, k_before = kv_before + state["kv"][:, :, None], k_before + state["k_sum"][:, :, None]
   num = a_bhncc @ v + jnp.einsum("bhnce,bhnev->bhncv", phi_q, kv_before)
   den = a_bhncc.sum(-1) + jnp.einsum("bhnce,bhne->bhnc", phi_q, k_before)
   y = num / (den[..., None] + eps)
@@ -139,17 +159,23 @@ class Based(nnx.Module):
     split = lambda y: y.astype(jnp.float32).reshape(*y.shape[:-1], h, -1)
     return split(self.proj_q(x_bld)), split(self.proj_k(x_bld)), split(self.proj_v(x_bld))
 
-  def __call__(self, x_bld: jax.Array) -> jax.Array:
+  def __call__(self, x_bld: jax.Array, state: dict[str, jax.Array] | None = None,
+               return_state: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+    """The parallel form over x; from `state` (`init_state`'s pytree) it continues after the positions the
+    state has seen: each query also reads the sums Σ φ(k) vᵀ and Σ φ(k) of those positions. With
+    `return_state`, also the sums after x: the state's plus Σ φ(k) vᵀ and Σ φ(k) over x, contracted over
+    the positions at once."""
     b, l, d = x_bld.shape
     q, k, v = (jnp.swapaxes(y, 1, 2) for y in self._qkv(x_bld))  # (b, h, l, .)
     if self.cfg.parallel_implementation == "quadratic":
-      y_bhlv = quadratic(q, k, v, self.cfg.eps)
+      y_bhlv = quadratic(q, k, v, self.cfg.eps, state)
     else:
-      y_bhlv = chunked(q, k, v, self.cfg.eps, self.cfg.chunk_size)
-    return self.proj_o(jnp.swapaxes(y_bhlv, 1, 2).reshape(b, l, d).astype(self.dtype))
+      y_bhlv = chunked(q, k, v, self.cfg.eps, self.cfg.chunk_size, state)
+    y_bld = self.proj_o(jnp.swapaxes(y_bhlv, 1, 2).reshape(b, l, d).astype(self.dtype))
+    return (y_bld, final_state(k, v, state)) if return_state else y_bld
 
   def init_state(self, batch_size: int) -> dict[str, jax.Array]:
-    """Σ φ(k) vᵀ (b, h, e, d/h) and Σ φ(k) (b, h, e), zeros."""
+    """Σ φ(k) vᵀ (b, h, e, d/h) and Σ φ(k) (b, h, e) over the positions seen, zeros."""
     h, e = self.cfg.num_heads, taylor_exp_dim(self.cfg.feature_dim)
     return dict(kv=jnp.zeros((batch_size, h, e, self.d_model // h), jnp.float32),
                 k_sum=jnp.zeros((batch_size, h, e), jnp.float32))

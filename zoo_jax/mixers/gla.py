@@ -39,6 +39,9 @@ Differences from fla:
 
 State: one k × v matrix per head, K·V/H elements per example, plus with use_short_conv the conv window
 (2K + V)·(conv_size − 1) — the count Zoology's `GatedLinearAttention.state_size` reports.
+`__call__(x, state=..., return_state=True)` continues from such a state (prefill → decode): the conv
+window is prepended to the conv's input, the chunked recurrence starts from S (`ops.chunked_gla.chunked`'s
+initial state), and the state after x is its final chunk state and the last conv_size − 1 conv inputs.
 """
 
 import dataclasses
@@ -49,7 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo_jax import layers
-from zoo_jax.mixers import registry
+from zoo_jax.mixers import _filters, registry
 from zoo_jax.ops import chunked_gla
 
 
@@ -139,15 +142,26 @@ class GatedLinearAttention(nnx.Module):
       o = o * jax.nn.silu(self.gate_proj(x).astype(jnp.float32))
     return self.out_proj(o.astype(self.dtype))
 
-  def __call__(self, x_bld: jax.Array) -> jax.Array:
-    qkv = self.qkv_proj(x_bld)
+  def __call__(self, x_bld: jax.Array, state: dict[str, Any] | None = None,
+               return_state: bool = False) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
+    """The chunked form over x; from `state` (`init_state`'s pytree) it continues after the tokens the
+    state has seen: the conv window is prepended to the conv's input and the chunked recurrence starts
+    from S. With `return_state`, also the state after x: the final chunk state and the last conv inputs."""
+    state = {} if state is None else state  # None: the sequence starts here (S = 0, zero conv inputs before it)
+    qkv, new_state = self.qkv_proj(x_bld), {}
     if self.conv is not None:
-      qkv = jax.nn.silu(self.conv(qkv))
-    o_blhv = chunked_gla.chunked(*self._heads(x_bld, qkv), self.chunk_size)
-    return self._output(o_blhv, x_bld).astype(x_bld.dtype)
+      qkv, new_state["conv"] = _filters.short_conv_continued(self.conv, state.get("conv"), qkv)
+      qkv = jax.nn.silu(qkv)
+    result = chunked_gla.chunked(*self._heads(x_bld, qkv), self.chunk_size, initial_state_bhkv=state.get("s"),
+                                 output_final_state=return_state)
+    if not return_state:
+      return self._output(result, x_bld).astype(x_bld.dtype)
+    o_blhv, new_state["s"] = result
+    return self._output(o_blhv, x_bld).astype(x_bld.dtype), new_state
 
   def init_state(self, batch_size: int) -> dict[str, Any]:
-    """S per head (b, h, k, v), and with use_short_conv the conv window (b, conv_size − 1, 2K + V)."""
+    """S per head (b, h, k, v), and with use_short_conv the conv window (b, conv_size − 1, 2K + V): the
+    last conv inputs (q | k | v before the conv)."""
     state = dict(s=jnp.zeros((batch_size, self.num_heads, self.key_width // self.num_heads,
                               self.value_width // self.num_heads), jnp.float32))
     if self.conv is not None:

@@ -45,6 +45,10 @@ Zoology trains Mamba-2 in its `Mamba2Block` (x + mixer(RMSNorm(x)), no state mix
 `model.block = 'mamba'`.
 
 State: the SSM state H·n·p = e·n and the conv window (e + 2·g·n)·(d_conv − 1) elements per example.
+`__call__(u, state=..., return_state=True)` continues from such a state (prefill → decode): the conv
+window (the last inputs x | B | C before the conv) is prepended to the conv's input, the chunked SSD
+starts from the SSM state (`ops.chunked_gla.chunked`'s initial state), and the state after u is its
+final chunk state and the last d_conv − 1 conv inputs.
 """
 
 import dataclasses
@@ -55,7 +59,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo_jax import layers
-from zoo_jax.mixers import registry
+from zoo_jax.mixers import _filters, registry
 from zoo_jax.ops import chunked_gla
 from zoo_jax.mixers.mamba import _dt_bias_init  # softplus⁻¹ of log-uniform Δ₀, as mamba_ssm (both Mambas)
 
@@ -166,11 +170,22 @@ class Mamba2(nnx.Module):
     y = self.norm(y) * gate if self.norm_before_gate else self.norm(y * gate)
     return self.out_proj(y.reshape(*y.shape[:-2], -1).astype(self.dtype))
 
-  def __call__(self, u_bld: jax.Array) -> jax.Array:
+  def __call__(self, u_bld: jax.Array, state: dict[str, Any] | None = None,
+               return_state: bool = False) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
+    """The chunked SSD over u; from `state` (`init_state`'s pytree) it continues after the tokens the state
+    has seen: the conv window is prepended to the conv's input and the chunked scan starts from the SSM
+    state. With `return_state`, also the state after u: the last d_conv − 1 conv inputs and the final
+    chunk state."""
+    state = {} if state is None else state  # None: the sequence starts here (h = 0, zero conv inputs before it)
     z, xbc, delta = self._split(self.in_proj(u_bld))
-    q, k, v, log_decay, x = self._ssd_inputs(self.conv(xbc), delta)
-    y_blhp = chunked_gla.chunked(q, k, v, log_decay, self.chunk_size)
-    return self._output(y_blhp, x, z).astype(u_bld.dtype)
+    xbc_conv, conv_state = _filters.short_conv_continued(self.conv, state.get("conv"), xbc)
+    q, k, v, log_decay, x = self._ssd_inputs(xbc_conv, delta)
+    result = chunked_gla.chunked(q, k, v, log_decay, self.chunk_size, initial_state_bhkv=state.get("ssm"),
+                                 output_final_state=return_state)
+    if not return_state:
+      return self._output(result, x, z).astype(u_bld.dtype)
+    y_blhp, ssm_state = result
+    return self._output(y_blhp, x, z).astype(u_bld.dtype), dict(conv=conv_state, ssm=ssm_state)
 
   def init_state(self, batch_size: int) -> dict[str, Any]:
     """The conv window (b, d_conv − 1, e + 2·g·n) and the SSM state per head (b, H, n, p), zeros."""

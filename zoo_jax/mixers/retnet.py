@@ -35,6 +35,9 @@ zoo_jax mixer (N(0, 0.02), out_proj N(0, 0.02/sqrt(2·n_layers))) rather than to
 gain 2^−2.5.
 
 State: one d_k × d_v matrix per head, H·(d/H)² = d²/H elements per example (plus the position counter).
+`__call__(x, state=..., return_state=True)` continues from such a state (prefill → decode): positions
+start at its counter, each output adds (q_t ⊙ γ^(j+1)) S (the chunkwise form starts its scan from S), and
+the state after x is γ^l S + Σ_s γ^(l−1−s) k_sᵀ v_s, summed in one contraction, not token by token.
 """
 
 import dataclasses
@@ -82,9 +85,11 @@ def rotary_angles(head_dim: int) -> np.ndarray:
 
 
 def rotate(x_blhk: jax.Array, pos_l: jax.Array, angle_k: jax.Array) -> jax.Array:
-  """x Θ_pos: each channel pair (x0, x1) turned by pos·θ, i.e. (x0 cos − x1 sin, x1 cos + x0 sin)."""
-  phase_lk = pos_l[:, None].astype(jnp.float32) * angle_k
-  cos_l1k, sin_l1k = jnp.cos(phase_lk)[:, None], jnp.sin(phase_lk)[:, None]
+  """x Θ_pos: each channel pair (x0, x1) turned by pos·θ, i.e. (x0 cos − x1 sin, x1 cos + x0 sin).
+
+  `pos_l` is (l,), the same positions for every row, or (b, l), a row's own (after a state's)."""
+  phase_lk = pos_l[..., None].astype(jnp.float32) * angle_k
+  cos_l1k, sin_l1k = jnp.cos(phase_lk)[..., None, :], jnp.sin(phase_lk)[..., None, :]
   pairs = x_blhk.reshape(*x_blhk.shape[:-1], -1, 2)
   turned = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x_blhk.shape)
   return (x_blhk * cos_l1k + turned * sin_l1k).astype(x_blhk.dtype)
@@ -96,15 +101,36 @@ def decay_mask(length: int, log_gamma_h: jax.Array) -> jax.Array:
   return jnp.where(lag_ts >= 0, jnp.exp(jnp.maximum(lag_ts, 0) * log_gamma_h[:, None, None]), 0.0)
 
 
-def retention_parallel(q_blhk, k_blhk, v_blhv, log_gamma_h):
-  """Eq. 5: (Q Kᵀ ⊙ D) V per head."""
+def _from_state(q_blhk, log_gamma_h, s_bhkv):
+  """(Q_t ⊙ ξ_t) S, ξ_t = γ^(t+1): what a state S left by earlier positions adds at t (eq. 7's cross term)."""
+  xi_lh = jnp.exp((jnp.arange(q_blhk.shape[1]) + 1)[:, None] * log_gamma_h).astype(q_blhk.dtype)
+  return jnp.einsum("blhk,bhkv->blhv", q_blhk * xi_lh[:, :, None], s_bhkv.astype(q_blhk.dtype))
+
+
+def retention_parallel(q_blhk, k_blhk, v_blhv, log_gamma_h, initial_state_bhkv=None):
+  """Eq. 5: (Q Kᵀ ⊙ D) V per head; after a state S (b, h, k, v) of earlier positions, plus (Q ⊙ ξ) S."""
   d_hts = decay_mask(q_blhk.shape[1], log_gamma_h).astype(q_blhk.dtype)
   scores_bhts = jnp.einsum("bthk,bshk->bhts", q_blhk, k_blhk) * d_hts
-  return jnp.einsum("bhts,bshv->bthv", scores_bhts, v_blhv)
+  o_blhv = jnp.einsum("bhts,bshv->bthv", scores_bhts, v_blhv)
+  if initial_state_bhkv is not None:
+    o_blhv = o_blhv + _from_state(q_blhk, log_gamma_h, initial_state_bhkv)
+  return o_blhv
 
 
-def retention_chunkwise(q_blhk, k_blhk, v_blhv, log_gamma_h, chunk_size: int):
-  """Eq. 7: the parallel form inside chunks of c tokens, the state R carried across chunks by a scan."""
+def retention_final_state(k_blhk, v_blhv, log_gamma_h, initial_state_bhkv=None):
+  """S_l = γ^l S_0 + Σ_s γ^(l−1−s) k_sᵀ v_s (eq. 6 unrolled), in float32, in one contraction over s."""
+  l = k_blhk.shape[1]
+  to_end_lh = jnp.exp((l - 1 - jnp.arange(l))[:, None] * log_gamma_h)
+  s_bhkv = jnp.einsum("blhk,blhv->bhkv", k_blhk.astype(jnp.float32) * to_end_lh[:, :, None],
+                      v_blhv.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  if initial_state_bhkv is not None:
+    s_bhkv = s_bhkv + jnp.exp(l * log_gamma_h)[:, None, None] * initial_state_bhkv
+  return s_bhkv
+
+
+def retention_chunkwise(q_blhk, k_blhk, v_blhv, log_gamma_h, chunk_size: int, initial_state_bhkv=None):
+  """Eq. 7: the parallel form inside chunks of c tokens, the state R carried across chunks by a scan
+  (from `initial_state_bhkv`, the state after earlier positions, or 0)."""
   b, l, h, _ = q_blhk.shape
   c = min(chunk_size, l)
   n = -(-l // c)
@@ -123,7 +149,10 @@ def retention_chunkwise(q_blhk, k_blhk, v_blhv, log_gamma_h, chunk_size: int):
   def carry_state(r_bhkv, kv_bhkv):  # float32: the state sums every earlier chunk
     return chunk_decay_h11 * r_bhkv + kv_bhkv, r_bhkv
 
-  r0 = jnp.zeros((b, h, *kv_bnhkv.shape[-2:]), jnp.float32)
+  if initial_state_bhkv is None:
+    r0 = jnp.zeros((b, h, *kv_bnhkv.shape[-2:]), jnp.float32)
+  else:
+    r0 = initial_state_bhkv.astype(jnp.float32)
   _, r_prev_nbhkv = jax.lax.scan(carry_state, r0, jnp.swapaxes(kv_bnhkv, 0, 1).astype(jnp.float32))
   cross_bnthv = jnp.einsum("bnchk,nbhkv->bnchv", q * xi_ch[:, :, None], r_prev_nbhkv.astype(dtype))
   return (inner_bnthv + cross_bnthv).reshape(b, n * c, h, -1)[:, :l]
@@ -180,17 +209,29 @@ class MultiScaleRetention(nnx.Module):
     normed_bld = normed_bld * self.norm_scale[...] + self.norm_bias[...]
     return self.out_proj(jax.nn.silu(gate_bld) * normed_bld.astype(self.dtype))
 
-  def __call__(self, x_bld: jax.Array) -> jax.Array:
-    q, k, v, gate_bld = self._project(x_bld, jnp.arange(x_bld.shape[1]))
+  def __call__(self, x_bld: jax.Array, state: dict[str, jax.Array] | None = None,
+               return_state: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+    """The parallel or chunkwise form over x; from `state` (`init_state`'s pytree) it continues after the
+    positions the state has seen: q, k rotated at positions t, t+1, ... and every output reads S decayed
+    by γ^(j+1) (eq. 7's cross term). With `return_state`, also the state after x: S_l = γ^l S + Σ_s
+    γ^(l−1−s) k_sᵀ v_s, in one contraction, and t + l."""
+    b, l, _ = x_bld.shape
+    pos = jnp.arange(l) if state is None else state["t"][:, None] + jnp.arange(l)
+    s0 = None if state is None else state["s"]
+    q, k, v, gate_bld = self._project(x_bld, pos)
     log_gamma_h = jnp.asarray(self.log_gamma_h)
     if self.form == "parallel":
-      o_blhv = retention_parallel(q, k, v, log_gamma_h)
+      o_blhv = retention_parallel(q, k, v, log_gamma_h, s0)
     else:
-      o_blhv = retention_chunkwise(q, k, v, log_gamma_h, self.chunk_size)
-    return self._output(o_blhv, gate_bld).astype(x_bld.dtype)
+      o_blhv = retention_chunkwise(q, k, v, log_gamma_h, self.chunk_size, s0)
+    y_bld = self._output(o_blhv, gate_bld).astype(x_bld.dtype)
+    if not return_state:
+      return y_bld
+    t_b = jnp.zeros((b,), jnp.int32) if state is None else state["t"]
+    return y_bld, dict(s=retention_final_state(k, v, log_gamma_h, s0), t=t_b + l)
 
   def init_state(self, batch_size: int) -> dict[str, jax.Array]:
-    """S per head, (b, h, d/h, d/h), and the position (for the rotation)."""
+    """S per head, (b, h, d/h, d/h), and the position t of the next token (for the rotation)."""
     head_dim = self.d_model // self.num_heads
     return dict(s=jnp.zeros((batch_size, self.num_heads, head_dim, head_dim), jnp.float32),
                 t=jnp.zeros((batch_size,), jnp.int32))

@@ -31,6 +31,12 @@ weight is SSD's mask exp(segsum) times C Bᵀ, two matmuls; with a per-channel d
 form (the c × c × k tensor of exp(Γ_t − Γ_s) per chunk, GLA's "secondary chunking" at one level: its
 cost is l·c·k per head, so GLA runs with small chunks).
 
+State passing (fla's `initial_state` / `output_final_state`): from an initial state S_{−1} the first
+chunk's inter-chunk term reads it as it reads any earlier chunk's state, and the scan's last carry is the
+final state S_l (the padding at the end has γ = 0, k = v = 0, so it neither decays nor adds to it). So
+`chunked(x[:t])` then `chunked(x[t:], initial_state=S_t)` is `chunked(x)`, and prefill hands the decode
+loop (`recurrent_step`) exactly its state.
+
 All arithmetic is float32 at the highest matmul precision (an f32 matmul may otherwise run as TF32 or
 bfloat16 passes on GPU/TPU); the step form uses elementwise products and sums for the same reason.
 """
@@ -63,11 +69,14 @@ def segment_sums(log_decay_bncg):
   return jnp.cumsum(jnp.where(below_ts, log_decay_bncg[:, :, :, None], 0.0), axis=2)
 
 
-def chunked(q_blhk, k_blhk, v_blhv, log_decay_blhg, chunk_size: int) -> jax.Array:
-  """o (b, l, h, v) in float32 of the recurrence from S = 0, in chunks of `chunk_size` (clipped to l).
+def chunked(q_blhk, k_blhk, v_blhv, log_decay_blhg, chunk_size: int, initial_state_bhkv=None,
+            output_final_state: bool = False):
+  """o (b, l, h, v) in float32 of the recurrence, in chunks of `chunk_size` (clipped to l).
 
+  The recurrence starts from `initial_state_bhkv` (b, h, k, v), the state after the positions before
+  these (None: S = 0); with `output_final_state` the result is `(o, S_l)`, S_l (b, h, k, v) float32.
   A length that the chunk does not divide is padded at the end with γ = 0, k = v = 0 (causality makes the
-  padding harmless) and cut off again.
+  padding harmless, and it leaves the final state as it is) and cut off again.
   """
   b, l, h, _ = q_blhk.shape
   c = max(1, min(chunk_size, l))
@@ -99,8 +108,12 @@ def chunked(q_blhk, k_blhk, v_blhv, log_decay_blhg, chunk_size: int) -> jax.Arra
     total_bhg, delta_bhkv = chunk
     return jnp.exp(total_bhg)[..., None] * state_bhkv + delta_bhkv, state_bhkv
 
-  state0 = jnp.zeros((b, h, k.shape[-1], v.shape[-1]), jnp.float32)
-  _, prev_nbhkv = jax.lax.scan(carry_state, state0,
-                               (jnp.swapaxes(total_bnhg, 0, 1), jnp.swapaxes(delta_bnhkv, 0, 1)))
+  if initial_state_bhkv is None:
+    state0 = jnp.zeros((b, h, k.shape[-1], v.shape[-1]), jnp.float32)
+  else:
+    state0 = initial_state_bhkv.astype(jnp.float32)
+  final_bhkv, prev_nbhkv = jax.lax.scan(carry_state, state0,
+                                        (jnp.swapaxes(total_bnhg, 0, 1), jnp.swapaxes(delta_bnhkv, 0, 1)))
   inter_bnchv = _einsum("bnchk,nbhkv->bnchv", q * jnp.exp(from_start_bnchg), prev_nbhkv)
-  return (intra_bnthv + inter_bnchv).reshape(b, n * c, h, -1)[:, :l]
+  o_blhv = (intra_bnthv + inter_bnchv).reshape(b, n * c, h, -1)[:, :l]
+  return (o_blhv, final_bhkv) if output_final_state else o_blhv
