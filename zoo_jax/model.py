@@ -17,6 +17,21 @@ Dimension legend: b batch, l sequence length, d model width, v vocabulary, k lab
 
 Differences from Zoology's `LanguageModel`: no dropout or stochastic depth (Zoology's MQAR configs set them
 to 0); the LM head can be applied at chosen positions only (`logits_at`), which is where MQAR's loss lives.
+
+Prefill → decode (issue 16). `init_state(b)` is the model's recurrent state: {'blocks': [each layer's mixer
+state, `mixer.init_state(b)`], 't': (b,) int32, the number of positions seen}. A hybrid's layer carries the
+state of its own mixer (a KV cache in an attention layer, an input window in a short-conv layer). Norms,
+state mixers, embeddings and the head act per position and hold no state. Then
+
+    logits, state = model(prompt_bl, return_state=True)      # prefill: the parallel forms, one call
+    state, logits_bv = model.step(state, token_b)              # decode: each mixer's `step`, one token
+    logits = model(tokens_bl, state=state)                     # the parallel forms, continuing at t
+
+continue the sequence the state has seen: learned positions are t..t+l-1, each mixer continues from its
+own state (the mixers' state-passing contract, `zoo_jax.mixers.registry`). Attention's KV cache holds
+`seq_len` positions, so t + l must stay within `seq_len` (`zoo_jax.generate` checks it). With `state=None`
+and no `return_state` the forward is the training one, unchanged. `zoo_jax.generate.generate` runs a
+prefill then a jitted decode loop.
 """
 
 import dataclasses
@@ -109,13 +124,33 @@ class Block(nnx.Module):
     self.state_mixer = state_mixer_cls and state_mixer_cls(
         d, cfg.state_mixer_hidden_mult, n_layers=cfg.n_layers, rngs=rngs, dtype=dtype)
 
-  def __call__(self, x_bld: jax.Array, tokens_bl: jax.Array | None = None) -> jax.Array:
-    x_bld = x_bld + mixers.apply(self.mixer, self.norm1(x_bld), tokens_bl)  # token ids if it reads them
+  def __call__(self, x_bld: jax.Array, tokens_bl: jax.Array | None = None, *, state: Any = None,
+               return_state: bool = False) -> jax.Array | tuple[jax.Array, Any]:
+    """The block on (b, l, d). With `state` (the mixer's, like `init_state(b)`) the mixer continues from it;
+    with `return_state` the result is (x_bld, the mixer's state after these l positions)."""
+    if state is None and not return_state:  # training: exactly the stateless forward
+      x_bld = x_bld + mixers.apply(self.mixer, self.norm1(x_bld), tokens_bl)  # token ids if it reads them
+      return self._state_mixer(x_bld)
+    y_bld, state = mixers.apply(self.mixer, self.norm1(x_bld), tokens_bl, state=state, return_state=True)
+    x_bld = self._state_mixer(x_bld + y_bld)
+    return (x_bld, state) if return_state else x_bld
+
+  def _state_mixer(self, x_bld: jax.Array) -> jax.Array:
+    """The second half of the block; acts on the last axis only, so on (b, l, d) and (b, d) alike."""
     if self.state_mixer is not None:
       x_bld = x_bld + self.state_mixer(self.norm2(x_bld))
     elif self.norm2 is not None:  # Zoology's block with an Identity state mixer
       x_bld = x_bld + self.norm2(x_bld)
     return x_bld
+
+  def init_state(self, batch_size: int) -> Any:
+    """The mixer's recurrent state (a KV cache, a conv window, an SSM state...): `mixer.init_state(b)`."""
+    return self.mixer.init_state(batch_size)
+
+  def step(self, state: Any, x_bd: jax.Array) -> tuple[Any, jax.Array]:
+    """One position, (b, d): the mixer's token recurrence, then the state mixer."""
+    state, y_bd = self.mixer.step(state, self.norm1(x_bd))
+    return state, self._state_mixer(x_bd + y_bd)
 
 
 class LanguageModel(nnx.Module):
@@ -132,27 +167,67 @@ class LanguageModel(nnx.Module):
     self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
     self.final_norm = nnx.LayerNorm(cfg.d_model, epsilon=LN_EPS, dtype=self.dtype, rngs=rngs)
 
-  def embed_tokens(self, tokens_bl: jax.Array) -> jax.Array:
+  def embed_tokens(self, tokens_bl: jax.Array, t_b: jax.Array | None = None) -> jax.Array:
+    """Token (+ learned position) embeddings; positions t_b..t_b+l-1 when given, else 0..l-1."""
     x_bld = self.embed(tokens_bl)
     if self.pos_embed is not None:
-      x_bld = x_bld + self.pos_embed(jnp.arange(tokens_bl.shape[1]))[None]
+      if t_b is None:
+        x_bld = x_bld + self.pos_embed(jnp.arange(tokens_bl.shape[1]))[None]
+      else:
+        x_bld = x_bld + self.pos_embed(t_b[:, None] + jnp.arange(tokens_bl.shape[1])[None])
     return x_bld
 
-  def hidden(self, tokens_bl: jax.Array) -> jax.Array:
-    """Final-norm hidden states (b, l, d), before the LM head."""
-    x_bld = self.embed_tokens(tokens_bl)
-    for block in self.blocks:
-      x_bld = block(x_bld, tokens_bl)
-    return self.final_norm(x_bld)
+  def init_state(self, batch_size: int) -> dict[str, Any]:
+    """{'blocks': [layer i's mixer state], 't': (b,) int32 positions seen}: nothing seen yet."""
+    return dict(blocks=[block.init_state(batch_size) for block in self.blocks],
+                t=jnp.zeros((batch_size,), jnp.int32))
+
+  def hidden(self, tokens_bl: jax.Array, *, state: dict[str, Any] | None = None,
+             return_state: bool = False) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
+    """Final-norm hidden states (b, l, d), before the LM head; from `state` and with the state after these
+    positions as `__call__` describes."""
+    if state is None and not return_state:  # training: exactly the stateless forward
+      x_bld = self.embed_tokens(tokens_bl)
+      for block in self.blocks:
+        x_bld = block(x_bld, tokens_bl)
+      return self.final_norm(x_bld)
+    b, l = tokens_bl.shape
+    t_b = jnp.zeros((b,), jnp.int32) if state is None else state["t"]
+    block_states = [None] * len(self.blocks) if state is None else state["blocks"]
+    x_bld = self.embed_tokens(tokens_bl, t_b)
+    new_states = []
+    for block, block_state in zip(self.blocks, block_states):
+      x_bld, block_state = block(x_bld, tokens_bl, state=block_state, return_state=True)
+      new_states.append(block_state)
+    h_bld = self.final_norm(x_bld)
+    return (h_bld, dict(blocks=new_states, t=t_b + l)) if return_state else h_bld
 
   def head(self, h_bkd: jax.Array) -> jax.Array:
     """Tied LM head; logits in float32 whatever the compute dtype."""
     return jnp.einsum("bkd,vd->bkv", h_bkd, self.embed.embedding[...].astype(h_bkd.dtype),
                       preferred_element_type=jnp.float32)
 
-  def __call__(self, tokens_bl: jax.Array) -> jax.Array:
-    """Logits at every position, (b, l, v)."""
-    return self.head(self.hidden(tokens_bl))
+  def __call__(self, tokens_bl: jax.Array, state: dict[str, Any] | None = None,
+               return_state: bool = False) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
+    """Logits at every position, (b, l, v). Prefill: given `state` (like `init_state(b)`'s) the l tokens
+    continue after the `state['t']` positions it has seen (every mixer from its own state, learned positions
+    offset by t; t + l ≤ seq_len); with `return_state`, (logits, the state after these tokens)."""
+    if state is None and not return_state:
+      return self.head(self.hidden(tokens_bl))
+    h_bld, state = self.hidden(tokens_bl, state=state, return_state=True)
+    logits_blv = self.head(h_bld)
+    return (logits_blv, state) if return_state else logits_blv
+
+  def step(self, state: dict[str, Any], token_b: jax.Array) -> tuple[dict[str, Any], jax.Array]:
+    """Decode one token (b,) at position state['t'] with each mixer's `step`: (state, logits (b, v))."""
+    t_b = state["t"]
+    x_bd = self.embed_tokens(token_b[:, None], t_b)[:, 0]
+    new_states = []
+    for block, block_state in zip(self.blocks, state["blocks"]):
+      block_state, x_bd = block.step(block_state, x_bd)
+      new_states.append(block_state)
+    logits_bv = self.head(self.final_norm(x_bd)[:, None])[:, 0]
+    return dict(blocks=new_states, t=t_b + 1), logits_bv
 
   def logits_at(self, tokens_bl: jax.Array, positions_bk: jax.Array) -> jax.Array:
     """Logits only at `positions_bk` (b, k): MQAR labels k << l positions, and at Zoology's vocabulary of
