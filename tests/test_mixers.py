@@ -316,6 +316,92 @@ def test_state_size_counts_the_recurrent_state(example):
   assert elements == mixers.state_size(example.mixer, d_model=D, seq_len=L, layer_idx=example.layer_idx)
 
 
+# Prefill → decode: the parallel form returns its final state and continues from a given one (the
+# state-passing contract in zoo_jax/mixers/registry.py). Prefix lengths: one token, a chunk boundary of the
+# chunk-5 examples (retnet, based), a length past it, and the whole sequence (nothing left to decode).
+PREFILL_LENGTHS = (1, 5, 7, L)
+
+
+def _recurrence(m: nnx.Module, x: jax.Array, state=None):
+  """(final state, out (b, l, d)) of `step` scanned over x from `state` (default `init_state`)."""
+  state = m.init_state(x.shape[0]) if state is None else state
+  state, ys = jax.lax.scan(lambda c, x_bd: m.step(c, x_bd), state, jnp.swapaxes(x, 0, 1))
+  return state, jnp.swapaxes(ys, 0, 1)
+
+
+def _parallel(m: nnx.Module, x: jax.Array, tokens: jax.Array, state=None):
+  """(y, final state) of the parallel form on x from `state`."""
+  return mixers.apply(m, x, tokens, state=state, return_state=True)
+
+
+def assert_states_close(got, want, what: str) -> None:
+  """Same structure, shapes and dtypes; integer leaves (positions, counters) equal; float leaves within
+  RECURRENT_RTOL of the leaf's largest magnitude."""
+  assert jax.tree.structure(got) == jax.tree.structure(want), (what, jax.tree.structure(got),
+                                                               jax.tree.structure(want))
+  for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+    where = f"{what} state{jax.tree_util.keystr(path)}"
+    assert (g.shape, g.dtype) == (w.shape, w.dtype), (where, g.shape, g.dtype, w.shape, w.dtype)
+    if jnp.issubdtype(w.dtype, jnp.floating):
+      scale = max(float(jnp.abs(w).max()), 1e-6)
+      chex.assert_trees_all_close(g, w, atol=RECURRENT_RTOL * scale, rtol=0, custom_message=where)
+    else:
+      np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=where)
+
+
+def _stateful_case(example: Example):
+  """(x, m(x), tokens, merge: () -> the module, inside a jit) for a mixer with a recurrent form; skips the
+  test otherwise."""
+  module = build(example.mixer, example.layer_idx)
+  if not has_recurrent_form(module):
+    pytest.skip(f"{example.id} has no recurrent form (init_state/step)")
+  x, out, _ = forward(example, jnp.float32)
+  graphdef, params = nnx.split(module)
+  return x, out, tokens_for(x), lambda: nnx.merge(graphdef, params)
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_prefill_then_step_equals_the_parallel_form(example):
+  """For each prefix length t: `y, s = m(x[:, :t], return_state=True)`, then `step` from s over x[:, t:]:
+  the outputs are m(x)'s and the final state is the token recurrence's over all of x. (All t in one jit:
+  one compilation per example.)"""
+  x, out, tokens, merge = _stateful_case(example)
+
+  def run(x):
+    m = merge()
+    results = []
+    for t in PREFILL_LENGTHS:
+      y_prefill, state = _parallel(m, x[:, :t], tokens[:, :t])
+      state, y_decode = _recurrence(m, x[:, t:], state)
+      results.append((jnp.concatenate([y_prefill, y_decode], axis=1), state))
+    return results, _recurrence(m, x)[0]
+
+  results, want_state = jax.jit(run)(x)
+  scale = float(jnp.abs(out).max())
+  for t, (y, state) in zip(PREFILL_LENGTHS, results):
+    chex.assert_trees_all_close(y, out, atol=RECURRENT_RTOL * scale, rtol=0, custom_message=f"prefill {t}")
+    assert_states_close(state, want_state, f"prefill {t} then decode:")
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_parallel_form_from_a_state_equals_the_recurrence(example):
+  """For each t: the token recurrence over x[:, :t] gives s; `m(x[:, t:], state=s, return_state=True)`
+  gives m(x)'s outputs at t.. and the recurrence's final state (a chunked form from a non-zero state)."""
+  x, out, tokens, merge = _stateful_case(example)
+  starts = PREFILL_LENGTHS[:-1]
+
+  def run(x):
+    m = merge()
+    results = [_parallel(m, x[:, t:], tokens[:, t:], _recurrence(m, x[:, :t])[0]) for t in starts]
+    return results, _recurrence(m, x)[0]
+
+  results, want_state = jax.jit(run)(x)
+  scale = float(jnp.abs(out).max())
+  for t, (y, state) in zip(starts, results):
+    chex.assert_trees_all_close(y, out[:, t:], atol=RECURRENT_RTOL * scale, rtol=0, custom_message=f"from {t}")
+    assert_states_close(state, want_state, f"parallel from the state at {t}:")
+
+
 def test_every_foundation_mixer_has_a_recurrent_form():
   for name in ("attention", "base_conv", "hybrid"):
     for example in KNOWN_EXAMPLES[name]:

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo_jax import layers
+from zoo_jax.mixers import _filters
 from zoo_jax.mixers import registry
 from zoo_jax.ops import delta_rule
 
@@ -77,18 +78,6 @@ class DeltaNetConfig:
 
   def check_shapes(self, field: str, *, d_model: int, seq_len: int, layer_idx: int) -> None:
     registry.check_heads(field, self.num_heads, d_model)  # keys are d_model wide, split over the heads
-
-
-def continue_short_conv(conv: layers.ShortConvolution, conv_state: dict[str, jax.Array] | None,
-                        u_blc: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """`conv(u)` continued after the inputs in `conv_state` (the conv's `init_state` pytree, the last k−1
-  inputs; None: the sequence starts here) and the state after u: the window is prepended and its k−1
-  outputs dropped, so every output sees the taps the token recurrence sees."""
-  conv_state = conv.init_state(u_blc.shape[0]) if conv_state is None else conv_state
-  window = conv_state["window"]
-  u_bmc = jnp.concatenate([window.astype(u_blc.dtype), u_blc], axis=1)
-  tail_bkc = u_bmc[:, u_bmc.shape[1] - window.shape[1]:]  # not [-(k−1):]: k = 1 keeps nothing
-  return conv(u_bmc)[:, window.shape[1]:], dict(window=tail_bkc.astype(window.dtype))
 
 
 def check_heads_divide(num_heads: int, d_model: int) -> None:
@@ -175,7 +164,7 @@ class DeltaNet(nnx.Module):
     if state is None and not return_state:  # training: no state in or out
       qkv_blc, conv_state = self.conv(conv_in), None
     else:
-      qkv_blc, conv_state = continue_short_conv(self.conv, None if state is None else state["conv"], conv_in)
+      qkv_blc, conv_state = _filters.short_conv_continued(self.conv, None if state is None else state["conv"], conv_in)
     s0 = None if state is None else state["s"]
     rule, gate = self._rule_inputs(qkv_blc, rest)
     result = delta_rule.delta_rule(self.form, *rule, chunk_size=self.chunk_size, initial_state=s0,

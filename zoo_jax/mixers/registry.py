@@ -19,6 +19,17 @@ A mixer with a recurrent form also defines
 
 and the tests check, for every registered mixer that has them, that scanning `step` over a sequence
 gives the parallel output and that `state_size` equals the floating-point elements of `init_state(1)`.
+
+State passing (prefill → decode). The parallel (or chunked) form takes and returns that same state:
+
+    __call__(x_bld, [tokens_bl,] state=None, return_state=False) -> y_bld | (y_bld, state)
+
+`state=None` starts from `init_state(b)`; given a state, the l positions of x continue after the ones it
+has seen (attention: its KV cache, of capacity L, and position; local attention: its window;
+convolutions: their input history; SSMs and linear recurrences: their state). With `return_state` the
+result is `(y_bld, state after x)`, a pytree of the structure, shapes and dtypes of `init_state(b)`. So
+`y, s = m(x[:, :t], return_state=True)` then `step` from `s` over x[:, t:] reproduces `m(x)`, and
+`m(x[:, t:], state=s_t)` reproduces `m(x)[:, t:]` (tests/test_mixers.py, for every registered mixer).
 """
 
 from __future__ import annotations
@@ -162,10 +173,17 @@ def check_heads(field: str, num_heads: int, d_model: int, *, even: bool = False,
                      f"{' of even width (rotary positions)' if even else ''}, got {num_heads}")
 
 
-def apply(mixer: nnx.Module, x_bld: Any, tokens_bl: Any = None) -> Any:
+def apply(mixer: nnx.Module, x_bld: Any, tokens_bl: Any = None, *, state: Any = None,
+          return_state: bool = False) -> Any:
   """`mixer(x_bld)`, or `mixer(x_bld, tokens_bl)` for a mixer that reads token ids (`uses_tokens`, e.g.
-  sparse_attention's programmatic and random selections); every other mixer maps hidden states only."""
-  return mixer(x_bld, tokens_bl) if getattr(mixer, "uses_tokens", False) else mixer(x_bld)
+  sparse_attention's programmatic and random selections); every other mixer maps hidden states only.
+
+  With `state` (a pytree like `init_state(b)`'s) the parallel form continues from it; with `return_state`
+  the result is `(y_bld, final_state)` (the module docstring's state-passing contract)."""
+  args = (x_bld, tokens_bl) if getattr(mixer, "uses_tokens", False) else (x_bld,)
+  if state is None and not return_state:
+    return mixer(*args)
+  return mixer(*args, state=state, return_state=return_state)
 
 
 def state_size(cfg: Any, *, d_model: int, seq_len: int, layer_idx: int) -> int:
