@@ -120,6 +120,7 @@ def test_greedy_generate_is_argmax_of_the_full_forward_on_the_growing_sequence(n
     sequence = jnp.concatenate([sequence, jnp.argmax(forward(model, sequence), -1)[:, None]], axis=1)
   np.testing.assert_array_equal(got, sequence[:, 4:])
 
+@pytest.mark.slow  # 10-17 s; keeps the default suite under 15 min
 
 def test_top_k_one_is_greedy_and_sampling_is_reproducible():
   model = make_model("attention")
@@ -182,6 +183,7 @@ def _tiny_mqar_config():
                       early_stop_accuracy=2.0)
   return cfg
 
+@pytest.mark.slow  # 10-17 s; keeps the default suite under 15 min
 
 def test_mqar_recall_by_generation_equals_the_teacher_forced_accuracy(tmp_path):
   summary = train.train_and_evaluate(_tiny_mqar_config(), str(tmp_path))

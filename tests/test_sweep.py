@@ -135,6 +135,7 @@ def finished_sweep(tmp_path_factory):
   rows = sweep.run_sweep(c, workdir)
   return c, workdir, rows
 
+@pytest.mark.slow  # 21 s; keeps the default suite under 15 min
 
 def test_vmapped_group_equals_the_same_runs_trained_one_by_one(finished_sweep, tmp_path):
   c, _, rows = finished_sweep

@@ -61,6 +61,7 @@ def test_run_leaves_its_outputs(tmp_path):
                                  dict(inputs=test.inputs, labels=test.labels).items()}, test.max_labels_per_example)
   np.testing.assert_allclose(float(sums["acc_sum"] / sums["examples"]), summary["test_accuracy"], atol=1e-6)
 
+@pytest.mark.slow  # 8-27 s of training; keeps the default suite under 15 min
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
   cfg = tiny_config(checkpoint_every_steps=4)
@@ -75,6 +76,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
   events = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
   assert {"step": 8, "event": "resume"} in events
 
+@pytest.mark.slow  # 8-27 s of training; keeps the default suite under 15 min
 
 def test_rerun_of_a_finished_run_trains_nothing_more(tmp_path):
   first = train.train_and_evaluate(tiny_config(epochs=1), str(tmp_path))
@@ -82,6 +84,7 @@ def test_rerun_of_a_finished_run_trains_nothing_more(tmp_path):
   assert again["steps"] == first["steps"] == 8
   assert again["test_accuracy"] == first["test_accuracy"]
 
+@pytest.mark.slow  # 8-27 s of training; keeps the default suite under 15 min
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   cfg = tiny_config()
@@ -102,6 +105,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
   summary = train.train_and_evaluate(cfg, str(tmp_path))  # resumes from the good checkpoint
   assert np.isfinite(summary["test_loss"]) and summary["steps"] == 24
 
+@pytest.mark.slow  # 8-27 s of training; keeps the default suite under 15 min
 
 def test_workdir_with_another_config_is_refused_and_left_alone(tmp_path):
   train.train_and_evaluate(tiny_config(epochs=1), str(tmp_path))
@@ -148,6 +152,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # 8-27 s of training; keeps the default suite under 15 min
 @pytest.mark.parametrize("mixer", [dict(name="attention", num_heads=2), dict(name="base_conv", kernel_size=[3, -1])])
 def test_sharded_step_matches_single_device_on_8_simulated_devices(mixer):
   cfg = tiny_config(mixer=mixer)
@@ -166,6 +171,7 @@ def test_sharded_step_matches_single_device_on_8_simulated_devices(mixer):
   # ~1e-5 after 8 steps of lr 3e-3 (each step moves a weight by up to lr).
   np.testing.assert_allclose(np.asarray(sharded_embed), np.asarray(single_embed), atol=1e-4)
 
+@pytest.mark.slow  # 8-27 s of training; keeps the default suite under 15 min
 
 def test_mqar_results_table_merges_other_runs_and_names_an_unreadable_summary(tmp_path):
   """experiments/mqar.py's results.md: the run just trained, another finished run already in the workdir,
