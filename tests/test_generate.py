@@ -11,6 +11,11 @@ of generation (`zoo_jax.generate`), on 2-layer models with attention, BaseConv a
   MQARTask's teacher-forced accuracy, above chance.
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import chex
 from flax import nnx
 import jax
@@ -206,3 +211,41 @@ def test_mqar_recall_by_generation_equals_the_teacher_forced_accuracy(tmp_path):
       teacher_forced, abs=1e-9)
   generated = mqar_generation.accuracy_with_generated_answers(model, test, feed="model")
   assert 0.0 <= generated <= 1.0
+
+
+_SHARDED_GENERATE = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import json
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from zoo_jax import config as config_lib, sharding, trainer
+from zoo_jax.generate import generate
+from zoo_jax.model import ModelConfig
+
+mixer = {"name": "hybrid", "mixers": [{"name": "base_conv", "kernel_size": [3, -1]}, {"name": "attention", "num_heads": 2}]}
+cfg = ModelConfig.from_config(dict(d_model=32, n_layers=2, mixer=mixer, learned_positions=True), vocab_size=64, seq_len=24)
+member = trainer.Member("run", 0, 1e-3, 0.0)
+prompt = jnp.asarray(np.random.default_rng(0).integers(0, 64, (4, 9)), jnp.int32)
+out = {}
+for name, mesh in [("single", sharding.make_mesh(devices=jax.devices()[:1])), ("sharded", sharding.make_mesh(data=4, model=2))]:
+  graphdef, state, _, _, _ = trainer.init_state(cfg, config_lib.defaults().train, [member], 1, mesh)
+  params = jax.tree.map(lambda x: x[0], state["params"])
+  embedding = params["embed"]["embedding"]
+  with jax.set_mesh(mesh):
+    tokens = jax.jit(lambda p, x: generate(nnx.merge(graphdef, p), x, 12))(params, prompt)
+  out[name] = dict(tokens=np.asarray(tokens).tolist(), spec=str(getattr(embedding.sharding, "spec", None)))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow  # a subprocess with 8 simulated devices: ~15 s
+def test_generate_on_a_tensor_parallel_mesh_of_8_simulated_devices_equals_one_device():
+  """Parameters placed by the trainer on a (data 4, model 2) mesh (the vocabulary split over `model`):
+  greedy tokens of a hybrid [long BaseConv, attention] equal those generated on one device."""
+  res = subprocess.run([sys.executable, "-c", _SHARDED_GENERATE], capture_output=True, text=True, timeout=600,
+                       env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+  assert res.returncode == 0, res.stderr[-3000:]
+  out = json.loads(res.stdout.strip().splitlines()[-1])
+  assert "model" in out["sharded"]["spec"], out  # the embedding really is split
+  assert out["sharded"]["tokens"] == out["single"]["tokens"]
