@@ -21,8 +21,10 @@ HazyResearch/zoology (`zoology/model.py`, `zoology/mixers/{attention,base_conv,c
 - init as Zoology's `_init_weights` (N(0, 0.02) linears and embeddings, zero biases, `out_proj`/`fc2`
   rescaled by 1/sqrt(2·n_layers); Conv1d keeps PyTorch's default), `AdamW(lr, weight_decay=0.1)`.
 
-No dropout / stochastic depth (Zoology's MQAR runs set them to 0, except attention dropout, which the
-paper's Figure-2 attention config sets to 0.1; it is left out here, as in zoo_jax).
+No dropout / stochastic depth, as in zoo_jax. Zoology's Figure-2 MQAR runs do use dropout: `ModelConfig`'s
+default `embed_dropout = 0.1` on the embeddings (`TransformerBlock.dropout1` at layer 0; `resid_dropout`
+and `drop_path` default to 0) and `MHA(dropout=0.1)` on the attention probabilities; both are left out
+here (see `zoo_jax/model.py`'s docstring).
 
 Mixer configs are zoo_jax's (`experiments/configs/mqar.py` RUNS): `{'name': 'attention', 'num_heads': 1}`,
 `{'name': 'base_conv', 'kernel_size': [3, -1], 'implicit_long_conv': True}`, `{'name': 'hybrid',

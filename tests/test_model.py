@@ -121,10 +121,12 @@ def test_causal_by_gradient_through_the_model(mixer, options, leak_rtol):
 def test_block_follows_its_equations(block, state_mixer):
   model = make_model(BASE_CONV, block=block, state_mixer=state_mixer, state_mixer_hidden_mult=2)
   layer = model.blocks[1]
-  hidden = {"none": None, "mlp": 2 * D, "glu": 2 * 2 * D}[state_mixer]  # GLU's fc1 makes [a, g]
-  if hidden:
-    chex.assert_shape(layer.state_mixer.fc1.kernel[...], (D, hidden))
-    chex.assert_shape(layer.state_mixer.fc2.kernel[...], (2 * D, D))
+  if state_mixer == "mlp":
+    chex.assert_shape([layer.state_mixer.fc1.kernel[...], layer.state_mixer.fc2.kernel[...]],
+                      [(D, 2 * D), (2 * D, D)])
+  elif state_mixer == "glu":  # Zoology's GLU: fc3(fc1(x) * gelu(fc2(x)))
+    chex.assert_shape([layer.state_mixer.fc1.kernel[...], layer.state_mixer.fc2.kernel[...],
+                       layer.state_mixer.fc3.kernel[...]], [(D, 2 * D), (D, 2 * D), (2 * D, D)])
   else:
     assert layer.state_mixer is None
   assert (layer.norm2 is None) == (block == "prenorm" and state_mixer == "none")

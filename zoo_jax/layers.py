@@ -4,8 +4,12 @@ axes, short and long (FFT) causal convolutions, implicit filters, and the state 
 Dimension legend: b batch, l sequence length, d model width, c channels, e positional-feature width.
 
 Initialisation follows Zoology's `_init_weights`: every linear and embedding weight ~ N(0, 0.02), biases 0,
-and output projections (`out_proj`, `fc2`) ~ N(0, 0.02 / sqrt(2 * n_layers)). Depthwise convolutions keep
-PyTorch's default `Conv1d` init, U(-1/sqrt(k), 1/sqrt(k)) for weight and bias, as Zoology does.
+and the weights Zoology's name test picks (`out_proj`, `fc2`) ~ N(0, 0.02 / sqrt(2 * n_layers)): an output
+projection, except in `GLU`, whose `fc2` is the gate. Depthwise convolutions keep PyTorch's default
+`Conv1d` init, U(-1/sqrt(k), 1/sqrt(k)) for weight and bias, as Zoology does.
+
+Line numbers cited from HazyResearch/zoology: `zoology/mixers/mlp.py` at 7b4aefc, `zoology/model.py` at
+0cd64f8.
 """
 
 import math
@@ -189,7 +193,13 @@ class ImplicitLongConvolution(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """State mixer fc2(gelu(fc1(x))), Zoology's `MLP` (tanh-approximated GELU)."""
+  """State mixer fc2(gelu(fc1(x))) with the exact (erf) GELU, Zoology's `MLP`.
+
+  Zoology (`zoology/mixers/mlp.py`, lines 4-25): `fc1 = nn.Linear(d, d * hidden_mult)`, `activation =
+  F.gelu` (PyTorch's default `approximate='none'`, the erf form), `fc2 = nn.Linear(d * hidden_mult, d)`.
+  `_init_weights` (`zoology/model.py`, line 88) rescales `fc2.weight`, the output projection, to
+  N(0, 0.02 / sqrt(2 n_layers)).
+  """
 
   def __init__(self, d_model: int, hidden_mult: int, *, n_layers: int, rngs: nnx.Rngs,
                dtype: Any = jnp.float32):
@@ -199,19 +209,26 @@ class MLP(nnx.Module):
                       std=out_proj_std(n_layers))
 
   def __call__(self, x_bld: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x_bld), approximate=True))
+    return self.fc2(jax.nn.gelu(self.fc1(x_bld), approximate=False))
 
 
 class GLU(nnx.Module):
-  """State mixer fc2(a * silu(g)) with [a, g] = fc1(x), Zoology's `GLU`."""
+  """State mixer fc3(fc1(x) * gelu(fc2(x))) with the exact (erf) GELU, Zoology's `GLU`.
+
+  Zoology (`zoology/mixers/mlp.py`, lines 28-50): `fc1`, `fc2 = nn.Linear(d, d * hidden_mult)`, `fc3 =
+  nn.Linear(d * hidden_mult, d)`, `forward: fc3(fc1(x) * F.gelu(fc2(x)))` (line 48). Its init rescale is
+  by parameter name (`zoology/model.py`, `_init_weights`, line 88: `"out_proj.weight" in name or
+  "fc2.weight" in name`), so it reaches the gate's `fc2`, N(0, 0.02 / sqrt(2 n_layers)), while the output
+  projection `fc3` keeps N(0, 0.02). Both are reproduced here as Zoology has them.
+  """
 
   def __init__(self, d_model: int, hidden_mult: int, *, n_layers: int, rngs: nnx.Rngs,
                dtype: Any = jnp.float32):
     hidden = hidden_mult * d_model
-    self.fc1 = linear(d_model, 2 * hidden, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
-    self.fc2 = linear(hidden, d_model, axes=("mlp", "embed"), rngs=rngs, dtype=dtype,
+    self.fc1 = linear(d_model, hidden, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
+    self.fc2 = linear(d_model, hidden, axes=("embed", "mlp"), rngs=rngs, dtype=dtype,
                       std=out_proj_std(n_layers))
+    self.fc3 = linear(hidden, d_model, axes=("mlp", "embed"), rngs=rngs, dtype=dtype)
 
   def __call__(self, x_bld: jax.Array) -> jax.Array:
-    a_bld, g_bld = jnp.split(self.fc1(x_bld), 2, axis=-1)
-    return self.fc2(a_bld * jax.nn.silu(g_bld))
+    return self.fc3(self.fc1(x_bld) * jax.nn.gelu(self.fc2(x_bld), approximate=False))

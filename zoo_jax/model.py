@@ -15,8 +15,16 @@ are comparable with the paper (its MQAR runs have no MLP); `prenorm` is the conv
 
 Dimension legend: b batch, l sequence length, d model width, v vocabulary, k labelled positions per example.
 
-Differences from Zoology's `LanguageModel`: no dropout or stochastic depth (Zoology's MQAR configs set them
-to 0); the LM head can be applied at chosen positions only (`logits_at`), which is where MQAR's loss lives.
+Differences from Zoology's `LanguageModel`: zoo_jax trains without dropout or stochastic depth, and Zoology
+does use dropout in its MQAR runs. Its `ModelConfig` (`zoology/config.py` at 0a76ef2, lines 88-90) defaults
+`embed_dropout = 0.1`, `resid_dropout = 0.0`, `drop_path = 0.0`; `TransformerBlock` applies
+`nn.Dropout(embed_dropout if layer_idx == 0 else resid_dropout)` to its input (`zoology/model.py` at
+0cd64f8, line 113), i.e. dropout 0.1 on the embeddings; and the Figure-2 configs
+(`zoology/experiments/iclr24_zoology_figure2/configs.py`, lines 55-61) keep that default and give attention
+`MHA(dropout=0.1)`, on the attention probabilities. Dropout is not implemented here (it would need dropout
+rngs through the trainer), so zoo_jax's runs are the dropout-free variant of Zoology's. Also: the LM head
+can be applied at chosen positions only (`logits_at`), which is where MQAR's loss lives. The state mixers
+'mlp' and 'glu' are Zoology's `MLP` and `GLU` (exact GELU, see `layers.py`).
 
 Prefill → decode (issue 16). `init_state(b)` is the model's recurrent state: {'blocks': [each layer's mixer
 state, `mixer.init_state(b)`], 't': (b,) int32, the number of positions seen}. A hybrid's layer carries the
