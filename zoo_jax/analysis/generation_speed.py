@@ -140,18 +140,20 @@ def plot(rows: list[dict], recall: dict[str, float] | None = None, path: str | N
   c_max = max(r["context"] for r in rows)
   runs = list(dict.fromkeys(r["run"] for r in rows))
   fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-  for run in runs:
+  for i, run in enumerate(runs):
     points = sorted((r["context"], r["decode_tokens_per_s"]) for r in rows if r["run"] == run and r["batch"] == b)
-    left.plot(*zip(*points), marker="o", label=run, linewidth=2.5 if run == "attention" else 1.2)
+    left.plot(*zip(*points), marker="o", label=run, color=f"C{i}", linewidth=2.5 if run == "attention" else 1.2)
   left.set(xscale="log", yscale="log", xlabel="context length", ylabel=f"decode tokens/s (batch {b})",
            title="generation throughput against context")
   left.legend(fontsize=7)
-  for run in runs:
+  shown = 0
+  for i, run in enumerate(runs):
     r = next((r for r in rows if (r["run"], r["context"], r["batch"]) == (run, c_max, b)), None)
     if r is not None and run in recall:
-      right.scatter(r["decode_tokens_per_s"], recall[run])
-      right.annotate(f" {run} ({r['state_bytes_per_seq'] / 1024:,.0f} KiB state)",
-                     (r["decode_tokens_per_s"], recall[run]), fontsize=7)
+      right.scatter(r["decode_tokens_per_s"], recall[run], color=f"C{i}")
+      right.annotate(f"{run} ({r['state_bytes_per_seq'] / 1024:,.0f} KiB state)", (r["decode_tokens_per_s"], recall[run]),
+                     xytext=(4, -12 * (shown % 3)), textcoords="offset points", fontsize=7)  # staggered
+      shown += 1
   right.set(xscale="log", xlabel=f"decode tokens/s at context {c_max:,} (batch {b})", ylabel="MQAR accuracy",
             title="recall against generation throughput")
   fig.tight_layout()
