@@ -200,6 +200,7 @@ def mqar_task():
   return task
 
 
+@pytest.mark.slow  # ~13 s of training on 2 cores; keeps the default suite under 15 min
 def test_auxiliary_loss_is_added_logged_and_reaches_the_scorer():
   cfg, graphdef, params = tiny_lm(aux_weight=0.5)
   task, batch = mqar_task(), lm_batch()
@@ -314,6 +315,7 @@ def scanned_steps(m, x, state):
   return state, jnp.swapaxes(y, 0, 1)
 
 
+@pytest.mark.slow  # ~9 s each on 2 cores; the registry's prefill tests cover learned selection in the default suite
 @pytest.mark.parametrize("keys", ["selected", "all"])
 def test_learned_prefill_continues_from_per_example_states_that_spent_some_budget(keys):
   """Rows at different positions t and counts n (row 1's budget already spent in part): the parallel form
