@@ -124,7 +124,9 @@ def table(rows: list[dict], recall: dict[str, float] | None = None) -> str:
       cells = [f"{by_key[run, c]['decode_tokens_per_s']:,.0f} ({by_key[run, c]['state_bytes_per_seq'] / 1024:,.0f})"
                if (run, c) in by_key else "–" for c in contexts]
       cross = crossover(rows, run, b) if run != "attention" and any(r == "attention" for r in runs) else None
-      cross_text = "—" if run == "attention" else ("none in range" if cross is None else f"{cross:,.0f}")
+      below = cross is not None and cross <= min(c for (name, c) in by_key if name == run)  # already at the first
+      cross_text = ("—" if run == "attention" else "none in range" if cross is None
+                    else f"≤ {cross:,.0f}" if below else f"{cross:,.0f}")
       accuracy = f"{recall[run]:.3f}" if run in recall else "–"
       lines.append(f"| {run} | " + " | ".join(cells) + f" | {accuracy} | {cross_text} |")
     lines.append("")
