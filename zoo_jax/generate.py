@@ -44,21 +44,30 @@ def next_token(logits_bv: jax.Array, key: jax.Array | None, temperature: float, 
 
 @functools.partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "top_k"))
 def _generate(model, prompt_bl, rng, *, max_new_tokens: int, temperature: float, top_k: int | None) -> jax.Array:
-  keys = (jax.random.split(rng, max_new_tokens) if rng is not None
-          else jnp.zeros((max_new_tokens, 2), jnp.uint32))  # unused by greedy decoding
+  keys = jax.random.split(rng, max_new_tokens) if rng is not None else None  # None: greedy
   # Prefill: the parallel forms over the prompt; the head only at its last position.
   h_bld, state = model.hidden(prompt_bl, return_state=True)
   logits_bv = model.head(h_bld[:, -1:])[:, 0]
-  first_b = next_token(logits_bv, keys[0] if rng is not None else None, temperature, top_k)
+  first_b = next_token(logits_bv, None if keys is None else keys[0], temperature, top_k)
 
-  def decode(carry, key):
+  rest_nb = decode(model, state, first_b, max_new_tokens - 1, temperature=temperature, top_k=top_k,
+                   keys=None if keys is None else keys[1:])
+  return jnp.concatenate([first_b[:, None], rest_nb.T], axis=1)
+
+
+def decode(model, state, token_b: jax.Array, num_tokens: int, *, temperature: float = 0.0,
+           top_k: int | None = None, keys: jax.Array | None = None) -> jax.Array:
+  """The decode loop: `num_tokens` tokens (num_tokens, b) after `token_b` (b,) from the model's `state`,
+  each one `model.step` and `next_token`, in a `jax.lax.scan` carrying the state (call it under jit).
+  `keys` (num_tokens, ...) for sampling; None for greedy decoding."""
+
+  def body(carry, key):
     state, token_b = carry
     state, logits_bv = model.step(state, token_b)
-    token_b = next_token(logits_bv, key if rng is not None else None, temperature, top_k)
+    token_b = next_token(logits_bv, key, temperature, top_k)
     return (state, token_b), token_b
 
-  _, rest_nb = jax.lax.scan(decode, (state, first_b), keys[1:])
-  return jnp.concatenate([first_b[:, None], rest_nb.T], axis=1)
+  return jax.lax.scan(body, (state, token_b), keys, length=num_tokens)[1]
 
 
 def generate(model, prompt_bl: jax.Array, max_new_tokens: int, *, temperature: float = 0.0,

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo_jax import config as config_lib
+from zoo_jax import generate
 from zoo_jax import model as model_lib
 
 
@@ -62,15 +63,8 @@ def decode_throughput(name: str, model_section: dict, *, contexts: list[int], ba
       return state, jnp.argmax(logits_blv[:, -1], axis=-1).astype(jnp.int32)
 
     @jax.jit
-    def decode(params, state, token_b):
-      m = nnx.merge(graphdef, params)
-
-      def body(carry, _):
-        state, token_b = m.step(*carry)
-        token_b = jnp.argmax(token_b, axis=-1).astype(jnp.int32)
-        return (state, token_b), token_b
-
-      return jax.lax.scan(body, (state, token_b), None, length=decode_tokens)[1]
+    def decode(params, state, token_b):  # generate's greedy decode loop
+      return generate.decode(nnx.merge(graphdef, params), state, token_b, decode_tokens)
 
     start = time.perf_counter()
     state_1, token_1 = jax.block_until_ready(prefill(params, prompt_1l))
