@@ -132,6 +132,59 @@ def test_seen_earlier_matches_naive_loop():
   chex.assert_trees_all_equal(ar_hits.seen_earlier_mask(tokens), naive_seen_earlier(tokens))
 
 
+def naive_seen_earlier_in_document(tokens, eot):
+  """The definition spelled out: an earlier (x_{s-1}, x_s) = (x_{t-1}, x_t) with no EOT in x_{s-1} .. x_t."""
+  mask = np.zeros(tokens.shape, bool)
+  for i, row in enumerate(tokens):
+    for t in range(1, len(row)):
+      mask[i, t] = any((row[s - 1], row[s]) == (row[t - 1], row[t]) and eot not in row[s - 1:t + 1]
+                       for s in range(1, t))
+  return mask
+
+
+def test_seen_earlier_stays_within_a_document():
+  eot = 9
+  tokens = np.array([
+      [5, 6, 9, 5, 6, 7, 5, 6],  # (5, 6) at t = 1 is in the previous document: first hit at t = 7
+      [1, 2, 9, 1, 2, 9, 1, 2],  # the same document twice after a cut: never within one document
+      [9, 3, 9, 3, 9, 3, 4, 4],  # (9, 3) repeats but spans a boundary each time; (3, 9) ends in the EOT
+      [4, 9, 9, 4, 4, 4, 9, 9],  # (9, 9): an empty document, never a hit; (4, 4) twice after the last EOT
+      [2, 3, 2, 3, 2, 3, 9, 0],  # no EOT before t = 3, 5: hits; nothing after the EOT repeats
+  ])
+  expected = np.array([
+      [0, 0, 0, 0, 0, 0, 0, 1],
+      [0, 0, 0, 0, 0, 0, 0, 0],
+      [0, 0, 0, 0, 0, 0, 0, 0],
+      [0, 0, 0, 0, 0, 1, 0, 0],
+      [0, 0, 0, 1, 1, 1, 0, 0],
+  ], bool)
+  chex.assert_trees_all_equal(ar_hits.seen_earlier_mask(tokens, eot_id=eot), expected)
+  assert ar_hits.seen_earlier_mask(tokens)[1].sum() == 4, "without eot_id the row is the context"
+  random_rows = np.random.default_rng(3).integers(0, 4, (8, 48))  # token 3 as EOT: ~1 in 4
+  chex.assert_trees_all_equal(ar_hits.seen_earlier_mask(random_rows, eot_id=3),
+                              naive_seen_earlier_in_document(random_rows, 3))
+
+
+def test_ar_hits_use_the_counts_eot_id(tmp_path):
+  tokens = np.array([[5, 6, 9, 5, 6, 7, 5, 6]])
+  logprobs = np.full(tokens.shape, -1.0)
+  logprobs[:, 0] = np.nan
+  counts = ar_hits.count_bigrams(np.array([[0, 1, 9, 0, 1]]), vocab_size=10, eot_id=9)
+  assert counts.count_of(9, 0) == 1, "bigrams across a boundary are counted"
+  path = str(tmp_path / "counts.npz")
+  counts.save(path)
+  loaded = BigramCounts.load(path)
+  assert loaded.eot_id == 9
+  chex.assert_trees_all_equal(ar_hits.ar_hit_mask(tokens, loaded, 10)[0], np.arange(8) == 7)
+  assert ar_hits.analyze(tokens, logprobs, loaded, 10).slices["ar_hits"].num_tokens == 1
+  no_eot = BigramCounts(counts.codes, counts.counts, 10, counts.num_tokens)  # counts of an older run
+  assert ar_hits.analyze(tokens, logprobs, no_eot, 10).slices["ar_hits"].num_tokens == 2  # t = 4, 7
+  with pytest.raises(ValueError, match=r"eot_id must be None or a token id in \[0, 10\), got 10"):
+    ar_hits.count_bigrams(tokens, vocab_size=10, eot_id=10)
+  with pytest.raises(ValueError, match="end-of-text tokens 9 and None"):
+    counts.merge(no_eot)
+
+
 def test_ar_hit_needs_a_rare_bigram():
   tokens = np.array([[5, 6, 7, 5, 6, 7]])  # (5, 6) and (6, 7) seen earlier at t = 4, 5
   training = np.array([[5, 6] * 3 + [6, 7], [1, 2, 3, 4, 6, 7, 8, 9]])  # (5, 6) 3 times, (6, 7) twice

@@ -102,9 +102,17 @@ def build_toy(manual, data_dir, log=None, **kwargs):
   lines = []
   sources = text.build(str(manual), corpus=kwargs.pop("corpus", "toy"), tokenizer="gpt2",
                        seq_len=kwargs.pop("seq_len", 16), data_dir=str(data_dir), log=lines.append, **kwargs)
+  progress = [line for line in lines if re.match(r"data: (train|validation|test): ", line)]
+  lines = [line for line in lines if line not in progress]
   if log is not None:
     log.extend(lines)
   assert len(lines) in (1, 2), lines  # "using cache", or "building" and "built"
+  if len(lines) == 2:  # built: each split's last progress line says what was read
+    for split, source in sources.items():
+      assert re.fullmatch(rf"data: {split}: (\d+)/\1 shards, {len(source):,} rows \([\d,]+ tokens\) in "
+                          r"[\d.]+ s, [\d,]+ tokens/s", [p for p in progress if f" {split}: " in p][-1]), progress
+  else:
+    assert not progress, progress
   return sources
 
 

@@ -19,6 +19,7 @@ from zoo_jax import tasks
 from zoo_jax import trainer
 from zoo_jax.analysis import ar_hits
 from zoo_jax.configs import lm as lm_configs
+from zoo_jax.data import text
 from zoo_jax.mixers import attention
 from tests.test_lm_data import random_docs, write_shard
 
@@ -145,6 +146,19 @@ def test_lm_loss_is_the_next_token_cross_entropy_of_every_position():
   np.testing.assert_allclose(loss, -want.mean(), rtol=1e-6)
 
 
+def test_trained_batches_are_every_process_rows_of_each_global_batch(corpus):
+  cfg = lm.resolve(tiny_lm_config(corpus, steps=50))[0]  # ~42 steps per epoch: replay crosses an epoch
+  source = lm.prepare_data(cfg, log=lambda line: None)["train"]
+  replayed = list(lm.trained_batches(source, cfg, 45))
+  num_epochs = 2  # LMTask's: ceil((steps + 1) * batch / rows)
+  per_process = [text.train_batches(source, batch_size=4, seed=cfg.seed, num_epochs=num_epochs,
+                                    process_index=p, process_count=2) for p in range(2)]
+  assert len(replayed) == 45
+  for tokens_bl in replayed:
+    np.testing.assert_array_equal(tokens_bl, np.concatenate([next(it)["tokens"] for it in per_process]))
+  assert not np.array_equal(replayed[0], replayed[1])
+
+
 @pytest.mark.slow
 def test_resume_mid_epoch_gives_the_same_next_batches(tmp_path, corpus):
   # ~42 steps per epoch: the kill at step 3 is mid-epoch; checkpoints at steps 2, 4, 6, evaluation at 6.
@@ -176,6 +190,18 @@ def test_resume_mid_epoch_gives_the_same_next_batches(tmp_path, corpus):
   assert counts.vocab_size == 50304 and counts.counts.sum() == counts.num_tokens - counts.num_tokens // 16
   for name in ("config.json", "summary.json", "tb"):
     assert (tmp_path / "full" / name).exists()
+  # Bigram counts: exactly the batches trained on, the killed run's steps 0, 1 and the resumed run's 2..5
+  # (the killed run's step 2 was trained again after the resume; its first try is not counted twice).
+  trained = {s: tokens for s, tokens in seen_full}
+  want = ar_hits.count_bigrams(np.concatenate([trained[s] for s in range(summary["steps"])]), 50304)
+  assert want.num_tokens == 6 * 4 * 16
+  train_rows = len(lm.prepare_data(lm.resolve(cfg)[0], log=lambda line: None)["train"])
+  assert train_rows * 16 > 2 * want.num_tokens, "the split must be larger than what was trained on"
+  for run in ("full", "resumed"):
+    counts = ar_hits.BigramCounts.load(str(tmp_path / run / "bigram_counts.npz"))
+    assert counts.eot_id == 50256 and counts.num_tokens == want.num_tokens
+    np.testing.assert_array_equal(counts.codes, want.codes)
+    np.testing.assert_array_equal(counts.counts, want.counts)
 
 
 _SHARDED_SCRIPT = textwrap.dedent("""
@@ -259,4 +285,7 @@ def test_two_processes_train_with_the_same_losses_as_one(tmp_path, corpus):
   np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=1e-5)
   summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two")]
   assert summaries[1]["processes"] == 2 and summaries[1]["devices"] == 2
+  counts = [ar_hits.BigramCounts.load(str(tmp_path / d / "bigram_counts.npz")) for d in ("one", "two")]
+  assert counts[1].num_tokens == counts[0].num_tokens == 4 * 4 * 16  # every row of each global batch
+  np.testing.assert_array_equal(counts[1].counts, counts[0].counts)
   np.testing.assert_allclose(summaries[1]["validation_loss"], summaries[0]["validation_loss"], rtol=1e-5)

@@ -20,7 +20,8 @@ Workdir (as MQAR's job): config.json, metrics.jsonl, tb/, checkpoints/ (Orbax: p
 best params, step; progress JSON with the data iterator's state, so a resumed run reads the same next
 batches), summary.json; and, for the AR-hit analysis (`zoo_jax.analysis.ar_hits`, experiments/ar_gap.py),
 ar_eval.npz (per-token log-probabilities of the validation split under the best-validation parameters) and
-bigram_counts.npz (bigram counts of the training split's packed rows).
+bigram_counts.npz (bigram counts of exactly the rows trained on: the loader replayed over the steps trained,
+`count_trained_bigrams`; with the end-of-text token, which separates the documents of a packed row).
 
 Differences from the paper's Pile runs (Zoology's `train.py` on the Pile, via the `safari` codebase's
 pipeline): documents are packed into non-overlapping rows with <|endoftext|> between them (as there);
@@ -29,6 +30,7 @@ perplexity, evaluated every `train.eval_every_steps`.
 """
 
 import json
+import math
 import os
 import time
 from typing import Any
@@ -88,10 +90,39 @@ def prepare_data(cfg: Any, log=print) -> dict[str, Any]:
                     data_dir=data_dir, subsets=tuple(cfg.data.subsets), log=log)
 
 
-def iter_rows(source, chunk: int = 1024):
-  """The split's rows in stored order, in (≤ chunk, l) blocks (for bigram counts)."""
-  for start in range(0, len(source), chunk):
-    yield np.stack([np.asarray(source[i]["tokens"], np.int32) for i in range(start, min(start + chunk, len(source)))])
+def trained_batches(source, cfg: Any, steps: int):
+  """The global batches (B, l) the run trained on in its steps [0, `steps`), in order: the loader
+  (`text.train_batches`, as `tasks.LMTask` sets it up: the run's seed, its epochs) replayed as one process,
+  which reads every row of each global batch — the rows all processes of the run read between them."""
+  batch_size = cfg.train.batch_size
+  num_epochs = max(1, math.ceil((cfg.train.steps + 1) * batch_size / len(source)))  # as LMTask
+  batches = text.train_batches(source, batch_size=batch_size, seed=cfg.seed, num_epochs=num_epochs)
+  for _ in range(steps):
+    yield next(batches)["tokens"]
+
+
+def count_trained_bigrams(source, cfg: Any, steps: int, vocab_size: int, eot_id: int, log=print):
+  """`ar_hits.count_bigrams` of exactly the tokens trained on in steps [0, `steps`) (`trained_batches`),
+  with a progress line about every 10 s and one at the end."""
+  from zoo_jax.analysis import ar_hits  # pylint: disable=g-import-not-at-top
+  tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+  t0 = last = time.perf_counter()
+
+  def batches():
+    nonlocal last
+    for i, tokens_bl in enumerate(trained_batches(source, cfg, steps), start=1):
+      yield tokens_bl
+      now = time.perf_counter()
+      if now - last >= 10 and i < steps:
+        log(f"counting training bigrams: {i:,}/{steps:,} batches ({i * tokens_per_step / (now - t0):,.0f} "
+            "tokens/s)")
+        last = now
+
+  counts = ar_hits.count_bigrams(batches(), vocab_size, eot_id=eot_id)
+  seconds = time.perf_counter() - t0
+  log(f"counting training bigrams: {steps:,} batches, {counts.num_tokens:,} tokens ({counts.codes.size:,} "
+      f"distinct bigrams) in {seconds:.1f} s")
+  return counts
 
 
 # ---------------------------------------------------------------------------------------------- Main
@@ -175,8 +206,12 @@ def _train(cfg, model_cfg, tok, mesh, workdir: str, lead: bool, kill_after_steps
   # The AR-hit analysis's inputs: validation log-probabilities (best parameters), training bigram counts.
   from zoo_jax.analysis import ar_hits  # pylint: disable=g-import-not-at-top
   if lead:
-    print("evaluating the best parameters on validation (per-token log-probabilities)…", flush=True)
+    print(f"evaluating the best parameters (step {run.progress['models'][0]['best_step']}) on validation for "
+          "per-token log-probabilities…", flush=True)
+  t0 = time.perf_counter()
   final = task.evaluate(run.eval_step, run.state["best_params"], "validation", run.shardings, keep=True)[0]
+  if lead:
+    print(f"  done in {time.perf_counter() - t0:.1f} s ({final['tokens']:,} tokens)", flush=True)
   model = run.progress["models"][0]
   steps = int(run.state["step"])
   summary = dict(
@@ -190,9 +225,10 @@ def _train(cfg, model_cfg, tok, mesh, workdir: str, lead: bool, kill_after_steps
       devices=len(mesh.devices.flat), processes=jax.process_count(), backend=jax.default_backend())
   if lead:
     ar_hits.save_eval(os.path.join(workdir, "ar_eval.npz"), final["token_rows"], final["logprob_rows"])
-    print("counting training bigrams…", flush=True)
-    ar_hits.count_bigrams(iter_rows(train_src), model_cfg.vocab_size).save(
-        os.path.join(workdir, "bigram_counts.npz"))
+    print(f"counting training bigrams over the {steps:,} batches trained on ({steps * task.tokens_per_step:,} "
+          "tokens)…", flush=True)
+    count_trained_bigrams(train_src, cfg, steps, model_cfg.vocab_size, tok.eot_id, log=lambda line: print(
+        "  " + line, flush=True)).save(os.path.join(workdir, "bigram_counts.npz"))
     checkpoint_lib.write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
     print(f"done: validation perplexity {summary['validation_perplexity']:.2f} (best step {summary['best_step']}), "
           f"{summary['tokens_per_sec']:,.0f} tok/s", flush=True)

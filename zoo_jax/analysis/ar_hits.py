@@ -2,16 +2,26 @@ r"""AR hits: the split of language-model perplexity behind Zoology's Table 1 (Ar
 
 Dimension legend: n sequences (evaluation contexts), l positions, v vocabulary, u distinct bigrams.
 
-**Definition.** In an evaluated sequence x_0 .. x_{l-1}, token x_t (t >= 1) is an *AR hit* when
+**Definition** (the paper's Table 1). In an evaluated sequence x_0 .. x_{l-1}, token x_t (t >= 1) is an
+*AR hit* when
 
   (1) the bigram (x_{t-1}, x_t) occurred earlier in the same context: (x_{s-1}, x_s) = (x_{t-1}, x_t) for
       some 1 <= s < t, and
-  (2) the bigram is rare in the training data: its count c(x_{t-1}, x_t) over the training split is below a
-      threshold tau (the paper: fewer than 1,250 occurrences in 10B training tokens).
+  (2) the bigram is rare in the training data: its count c(x_{t-1}, x_t) in the tokens the model trained on
+      is below a threshold tau (the paper: fewer than 1,250 occurrences in 10B training tokens).
 
 Such a token can be predicted by looking the bigram up in context (associative recall) but not from
 memorised bigram statistics. Position 0 never is a hit (no previous token), nor is a position that was not
 evaluated (NaN log-probability).
+
+**The context is the document, not the packed row.** Evaluation rows are packed: several documents, each
+ended by the end-of-text token (EOT, `zoo_jax.data.text.pack`). With an `eot_id` (recorded in the bigram
+counts by experiments/lm.py, `BigramCounts.eot_id`), the context of x_t is its own document within the
+row: the positions after the last EOT before t. So (1) needs the earlier occurrence after that EOT (a bigram
+seen only in an earlier document of the row does not count); a bigram across a boundary, (EOT, x), is never
+a hit, and neither is the EOT itself (the bigram ending in it, (y, EOT), cannot recur within its document).
+A document cut by the row's start has only its part inside the row as context (the model saw no more). With
+`eot_id` None (counts written before it was recorded) the context is the whole row, as before.
 
 **Slices.** With lp_t = log p(x_t | x_{<t}) under the model and E the evaluated positions, for a slice
 S ⊆ E (AR hits H, other tokens E \ H, all E):  mean log-probability  (1/|S|) Σ_{t∈S} lp_t,  mean NLL
@@ -44,6 +54,15 @@ seen in training, mostly names; 5.7% / 6.9% at tau = 100); experiments/lm.py's v
 256) gives 3.8-4.0% at tau = 10, against 6.4% on the Pile in the paper. The threshold is always printed and
 can be overridden (`ar_gap.py --threshold`).
 
+**Which training tokens are counted.** Exactly those the model trained on: experiments/lm.py replays the
+loader (`zoo_jax.data.text.train_batches`, deterministic given the run's seed) over the steps the run
+actually trained (summary.json's `steps`, so a resumed run is counted once, through its last step), every
+row of each global batch (all processes' rows), and counts those batches only (`zoo_jax.lm.count_trained_
+bigrams`) — not the whole training split (the tiny preset trains on 0.25M of its 1.65M tokens). Bigrams
+are counted within each packed row as trained, *including* those across a document boundary, (EOT, x)
+and (y, EOT): the model saw them, and neither kind can be an AR hit (above), so they never change a hit.
+`num_tokens` is the tokens trained on, which scales the threshold.
+
 **Bigram counts** are int64 codes prev · v + next, reduced by `np.unique` per chunk of ~4M bigrams; the
 chunk tables are merged by a stable sort of two sorted runs (a linear merge) whenever the older table is at
 most twice the newer (a binary-counter schedule: O(log) merges per bigram rather than one pass over the
@@ -51,9 +70,9 @@ whole table per chunk). A corpus streamed document by document holds at most a f
 and one chunk; bigrams are counted within each sequence only.
 
 Differences from the paper: Zoology released no code for this analysis; the definition above follows the
-paper's text. We count bigrams over the training split as tokenised for training (packed chunks or
-documents, whatever `count_bigrams` is given), and "the same context" is the evaluated sequence (one packed
-window), not the source document.
+paper's text. "The same context" is the part of the source document inside the evaluated row (the model's
+context is the whole row, so it could also recall from an earlier document of the row; those repeats are
+not counted as hits, they fall in "other").
 """
 
 from __future__ import annotations
@@ -124,6 +143,20 @@ def _read_npz(path: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     raise ValueError(f"{path} is not a readable .npz file: {e}") from e
 
 
+def _read_optional(path: str, key: str) -> np.ndarray | None:
+  """The array `key` of a readable .npz file (`_read_npz` has opened it), or None if it has none."""
+  with np.load(path, allow_pickle=False) as data:
+    return data[key] if key in data.files else None
+
+
+def _check_eot_id(eot_id, vocab_size: int) -> int | None:
+  if eot_id is None:
+    return None
+  if isinstance(eot_id, bool) or not isinstance(eot_id, (int, np.integer)) or not 0 <= eot_id < vocab_size:
+    raise ValueError(f"eot_id must be None or a token id in [0, {vocab_size}), got {eot_id!r}")
+  return int(eot_id)
+
+
 def _write_npz(path: str, **arrays) -> None:
   """Writes exactly `path` (no '.npz' appended), atomically: a crash leaves the old file or none."""
   tmp = f"{path}.tmp-{os.getpid()}"
@@ -138,14 +171,17 @@ def _write_npz(path: str, **arrays) -> None:
 @dataclasses.dataclass
 class BigramCounts:
   """Counts of bigrams (prev, next) in a corpus: `codes` = prev · vocab_size + next, sorted and unique (u,),
-  `counts` (u,) their occurrences, `num_tokens` the tokens counted."""
+  `counts` (u,) their occurrences, `num_tokens` the tokens counted, `eot_id` the end-of-text token that
+  separates documents in the counted rows and the evaluated ones (None: unknown, rows are contexts)."""
   codes: np.ndarray
   counts: np.ndarray
   vocab_size: int
   num_tokens: int
+  eot_id: int | None = None
 
   def __post_init__(self):
     self.vocab_size = _check_vocab_size(self.vocab_size)
+    self.eot_id = _check_eot_id(self.eot_id, self.vocab_size)
     self.codes = np.asarray(self.codes, np.int64)
     self.counts = np.asarray(self.counts, np.int64)
     self.num_tokens = int(self.num_tokens)
@@ -176,18 +212,23 @@ class BigramCounts:
     if other.vocab_size != self.vocab_size:
       raise ValueError(f"cannot merge bigram counts over vocabularies of {self.vocab_size} and "
                        f"{other.vocab_size} tokens")
+    if other.eot_id != self.eot_id:
+      raise ValueError(f"cannot merge bigram counts with end-of-text tokens {self.eot_id} and {other.eot_id}")
     codes, counts = _merge(self.codes, self.counts, other.codes, other.counts)
-    return BigramCounts(codes, counts, self.vocab_size, self.num_tokens + other.num_tokens)
+    return BigramCounts(codes, counts, self.vocab_size, self.num_tokens + other.num_tokens, self.eot_id)
 
   def save(self, path: str) -> None:
+    eot = {} if self.eot_id is None else {"eot_id": np.int64(self.eot_id)}
     _write_npz(path, codes=self.codes, counts=self.counts, vocab_size=np.int64(self.vocab_size),
-               num_tokens=np.int64(self.num_tokens))
+               num_tokens=np.int64(self.num_tokens), **eot)
 
   @classmethod
   def load(cls, path: str) -> BigramCounts:
     data = _read_npz(path, ("codes", "counts", "vocab_size", "num_tokens"))
+    eot_id = _read_optional(path, "eot_id")  # absent in counts written before it was recorded
     try:
-      return cls(data["codes"], data["counts"], int(data["vocab_size"]), int(data["num_tokens"]))
+      return cls(data["codes"], data["counts"], int(data["vocab_size"]), int(data["num_tokens"]),
+                 None if eot_id is None else int(eot_id))
     except ValueError as e:
       raise ValueError(f"{path}: {e}") from e
 
@@ -201,14 +242,16 @@ def _as_rows(item) -> np.ndarray:
   return rows
 
 
-def count_bigrams(sequences, vocab_size: int) -> BigramCounts:
+def count_bigrams(sequences, vocab_size: int, eot_id: int | None = None) -> BigramCounts:
   """Counts the bigrams of `sequences` within each sequence (never across two).
 
   `sequences`: a 2-D int array (n, l), or an iterable (e.g. a generator, streamed) of 1-D int arrays
   (documents or packed chunks of any lengths; a 2-D item is a batch of rows). Memory: the table of distinct
-  bigrams plus one chunk of ~4M codes.
+  bigrams plus one chunk of ~4M codes. `eot_id` is recorded (it decides the contexts of `analyze`), not
+  used: bigrams across a document boundary are counted (module docstring).
   """
   vocab_size = _check_vocab_size(vocab_size)
+  eot_id = _check_eot_id(eot_id, vocab_size)
   if isinstance(sequences, np.ndarray):
     if sequences.ndim not in (1, 2):
       raise ValueError(f"sequences must be a 2-D (n, l) array or an iterable of 1-D arrays, got shape "
@@ -244,7 +287,7 @@ def count_bigrams(sequences, vocab_size: int) -> BigramCounts:
   codes, counts = np.zeros(0, np.int64), np.zeros(0, np.int64)
   while tables:
     codes, counts = _merge(*tables.pop(), codes, counts)
-  return BigramCounts(codes, counts, vocab_size, num_tokens)
+  return BigramCounts(codes, counts, vocab_size, num_tokens, eot_id)
 
 
 # ------------------------------------------------------------------------------------- Evaluation files
@@ -305,12 +348,13 @@ def _check_threshold(threshold) -> int:
   return int(threshold)
 
 
-def seen_earlier_mask(tokens) -> np.ndarray:
+def seen_earlier_mask(tokens, eot_id: int | None = None) -> np.ndarray:
   """(n, l) bool: the bigram (tokens[:, t-1], tokens[:, t]) occurred at some earlier position s < t of the
-  same row (condition (1)); False in column 0.
+  same row (condition (1)), and, with `eot_id`, of the same document: after the last `eot_id` before t,
+  neither token of the bigram an `eot_id` (module docstring). False in column 0.
 
-  Per row, a stable argsort of the bigram codes keeps equal codes in position order, so every occurrence
-  but the first of a code follows an equal code in sorted order: O(n l log l), no loop over tokens.
+  Per row, a stable sort of the bigram codes (by document, then code) keeps equal ones in position order, so
+  every occurrence but the first follows an equal one in sorted order: O(n l log l), no loop over tokens.
   """
   tokens = np.asarray(tokens)
   if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
@@ -320,12 +364,24 @@ def seen_earlier_mask(tokens) -> np.ndarray:
     return mask
   _check_tokens(tokens, int(tokens.max()) + 1, "tokens")
   codes = _row_codes(tokens, int(tokens.max()) + 1)
-  order = np.argsort(codes, axis=1, kind="stable")
-  sorted_codes = np.take_along_axis(codes, order, axis=1)
+  if eot_id is None:
+    order = np.argsort(codes, axis=1, kind="stable")
+    keys = (codes,)
+  else:
+    is_eot = tokens == eot_id
+    doc_nl = np.cumsum(is_eot, axis=1) - is_eot  # EOTs before t: an EOT belongs to the document it ends
+    doc = doc_nl[:, 1:]  # the document of the bigram's second token
+    order = np.lexsort((codes, doc), axis=-1)  # by document, then code; stable: positions in order
+    keys = (codes, doc)
   repeat_sorted = np.zeros(codes.shape, bool)
-  repeat_sorted[:, 1:] = sorted_codes[:, 1:] == sorted_codes[:, :-1]
+  repeat_sorted[:, 1:] = True
+  for key in keys:
+    sorted_key = np.take_along_axis(key, order, axis=1)
+    repeat_sorted[:, 1:] &= sorted_key[:, 1:] == sorted_key[:, :-1]
   repeat = np.empty_like(repeat_sorted)
   np.put_along_axis(repeat, order, repeat_sorted, axis=1)
+  if eot_id is not None:
+    repeat &= ~is_eot[:, :-1] & ~is_eot[:, 1:]  # (EOT, x) spans a boundary; the EOT itself is no hit
   mask[:, 1:] = repeat
   return mask
 
@@ -339,11 +395,12 @@ def _training_counts(tokens: np.ndarray, counts: BigramCounts) -> np.ndarray:
 
 
 def ar_hit_mask(tokens, counts: BigramCounts, threshold: int) -> np.ndarray:
-  """(n, l) bool: AR hits, i.e. bigram seen earlier in the row (1) and training count < threshold (2)."""
+  """(n, l) bool: AR hits, i.e. bigram seen earlier in the context (1) — the document within the row when
+  `counts.eot_id` is set — and training count < threshold (2)."""
   threshold = _check_threshold(threshold)
   tokens = np.asarray(tokens)
   _check_tokens(tokens, counts.vocab_size, "tokens")
-  return seen_earlier_mask(tokens) & (_training_counts(tokens, counts) < threshold)
+  return seen_earlier_mask(tokens, counts.eot_id) & (_training_counts(tokens, counts) < threshold)
 
 
 # -------------------------------------------------------------------------------------------- Statistics
@@ -410,7 +467,7 @@ def analyze(tokens, logprobs, counts: BigramCounts, threshold: int | None = None
   """Splits one model's log-probabilities on `tokens` into AR hits / other / all (module docstring).
 
   threshold: bigrams with a training count below it can be AR hits; None = `scaled_threshold` of the
-  training split's size (`counts.num_tokens`).
+  training tokens counted (`counts.num_tokens`). Contexts are documents when `counts.eot_id` is set.
   """
   tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
   _check_eval(tokens, logprobs)
@@ -418,7 +475,7 @@ def analyze(tokens, logprobs, counts: BigramCounts, threshold: int | None = None
   evaluated = ~np.isnan(logprobs)
   _check_tokens(tokens, counts.vocab_size, "tokens")
   train_counts = _training_counts(tokens, counts)
-  hits = seen_earlier_mask(tokens) & (train_counts < threshold) & evaluated
+  hits = seen_earlier_mask(tokens, counts.eot_id) & (train_counts < threshold) & evaluated
   num_evaluated = int(evaluated.sum())
   slices = {"ar_hits": SliceStats.of(logprobs, hits, num_evaluated),
             "other": SliceStats.of(logprobs, evaluated & ~hits, num_evaluated),

@@ -26,7 +26,10 @@ the subsets filter; the tokenizer (name and sha256 of its files); `seq_len`; and
 16 hex digits name the cache directory, `<data_dir>/tfds/zoo_jsonl_text/<corpus>-<tokenizer>-L<seq_len>-
 <key>/1.0.0`: another key is another directory (built), the same key the same directory (reused); the
 corpus name only labels it. `build` prints one line saying which (`data: using cache ...` or `data:
-building ...`, then, after a build, shards / rows / tokens / seconds); tfds' own banners are silenced.
+building ...`, then, while building, a line per split about every 10 s and one at its end (shards read,
+rows, tokens, tokens/s), and after the build shards / rows / tokens / seconds); tfds' own banners are
+silenced. To clear the cache, delete `<data_dir>/tfds/zoo_jsonl_text` (every build; the next run rebuilds)
+or one `<corpus>-...` directory under it; `<data_dir>/source_sha256.json` only remembers shard hashes.
   Hashing cost: sha256 reads about 0.8 GB/s on one core (0.13 s per 100 MB from the page cache, measured
 here) — nothing for Shakespeare, minutes for the Pile's hundreds of GB. So a shard's hash is remembered in
 `<data_dir>/source_sha256.json` against its real path and (size, mtime_ns, ctime_ns, inode), and a shard
@@ -192,11 +195,13 @@ def pack(token_docs: Iterable[np.ndarray], seq_len: int, eot_id: int) -> Iterato
 
 
 def tokenized_rows(files: Sequence[str], tokenizer: tokenizer_lib.Tokenizer, seq_len: int,
-                   subsets: Sequence[str] = (), docs_per_batch: int = 256) -> Iterator[np.ndarray]:
-  """Packed rows of a split's shards, in file order (documents are tokenised in batches)."""
+                   subsets: Sequence[str] = (), docs_per_batch: int = 256,
+                   on_shard: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
+  """Packed rows of a split's shards, in file order (documents are tokenised in batches); `on_shard(i)` is
+  called when the i-th shard (1-based) has been read."""
 
   def token_docs():
-    for path in files:
+    for i, path in enumerate(files, start=1):
       batch = []
       for text in read_documents(path, subsets):
         batch.append(text)
@@ -204,6 +209,8 @@ def tokenized_rows(files: Sequence[str], tokenizer: tokenizer_lib.Tokenizer, seq
           yield from tokenizer.encode_batch(batch)
           batch = []
       yield from tokenizer.encode_batch(batch)
+      if on_shard is not None:
+        on_shard(i)
 
   return pack(token_docs(), seq_len, tokenizer.eot_id)
 
@@ -276,9 +283,10 @@ def _builder_class():
     directory under data_dir."""
 
     def __init__(self, *, name: str, description: str, files: dict[str, list[str]], tokenizer: str,
-                 seq_len: int, subsets: Sequence[str] = ()):
+                 seq_len: int, subsets: Sequence[str] = (), log: Callable[[str], None] = print):
       super().__init__(name=name, version="1.0.0", description=description)
       self.files, self.tokenizer, self.seq_len, self.subsets = files, tokenizer, seq_len, tuple(subsets)
+      self.log = log  # the build's progress lines
 
   class JsonlText(tfds.core.GeneratorBasedBuilder):
     """Pile-format `*.jsonl.zst` shards from a manual directory, packed into rows of `seq_len` tokens."""
@@ -295,14 +303,30 @@ def _builder_class():
 
     def _split_generators(self, dl_manager):
       del dl_manager  # the shards are the ones the cache key was computed from
-      return {split: self._generate_examples(paths) for split, paths in self.builder_config.files.items()}
+      return {split: self._generate_examples(split, paths) for split, paths in self.builder_config.files.items()}
 
-    def _generate_examples(self, paths):
+    def _generate_examples(self, split, paths):
       cfg = self.builder_config
       tok = tokenizer_lib.load_tokenizer(cfg.tokenizer)
-      n = 0
-      for n, row in enumerate(tokenized_rows(paths, tok, cfg.seq_len, cfg.subsets), start=1):
+      n, shards_read, t0 = 0, 0, time.perf_counter()
+      last = t0
+
+      def progress(done: bool = False) -> str:
+        seconds = time.perf_counter() - t0
+        return (f"data: {split}: {shards_read}/{len(paths)} shards, {n:,} rows ({n * cfg.seq_len:,} tokens)"
+                f"{' in' if done else ','} {seconds:.1f} s, {n * cfg.seq_len / max(seconds, 1e-9):,.0f} tokens/s")
+
+      def on_shard(i: int) -> None:
+        nonlocal shards_read
+        shards_read = i
+
+      for n, row in enumerate(tokenized_rows(paths, tok, cfg.seq_len, cfg.subsets, on_shard=on_shard), start=1):
         yield n, {"tokens": row}
+        if time.perf_counter() - last >= 10:  # a line about every 10 s while a split is read
+          cfg.log(progress())
+          last = time.perf_counter()
+      if n:
+        cfg.log(progress(done=True))
       if not n:
         raise ValueError(f"data.manual_dir: {', '.join(paths)}: not one row of data.seq_len={cfg.seq_len} tokens"
                          + (f" from documents of data.subsets={list(cfg.subsets)}" if cfg.subsets else ""))
@@ -371,7 +395,7 @@ def build(manual_dir: str, *, corpus: str, tokenizer: str, seq_len: int, data_di
   subset_tag = f"-{'+'.join(re.sub(r'[^A-Za-z0-9]', '', s) for s in sorted(set(subsets)))}" if subsets else ""
   text_config, jsonl_text = _builder_class()
   config = text_config(name=f"{label}{subset_tag}-{tok.name}-L{seq_len}-{key}", files=files, tokenizer=tokenizer,
-                       seq_len=seq_len, subsets=subsets,
+                       seq_len=seq_len, subsets=subsets, log=log,
                        description=f"{corpus} tokenised with {tokenizer}, packed into rows of {seq_len}; "
                                    f"source key {key} of {json.dumps(description, sort_keys=True)}")
   tfds.disable_progress_bar()
