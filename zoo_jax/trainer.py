@@ -385,7 +385,10 @@ def fit(task, *, graphdef, state, sh: Shardings, tx, unit, members: list[Member]
     batch = next(batches, None)  # pulled only when a step will use it: the data state stays exact
     if batch is None:
       break
+    step_start = time.time()
     state, metrics = train_step(state, jax.device_put(active(), sh.member), sharding.put(batch, sh.batch))
+    if steps_this_call == 0:  # the call returns once compiled (the step itself runs asynchronously)
+      hooks.print(f"{hooks.label}compiled the train step in {time.time() - step_start:.1f} s")
     window.append(metrics)
     step_value += 1
     steps_this_call += 1
@@ -427,7 +430,11 @@ def fit(task, *, graphdef, state, sh: Shardings, tx, unit, members: list[Member]
 
     if eval_due:
       now_active = active()
+      hooks.print(f"{hooks.label}evaluating on validation…")
+      eval_start = time.time()
       results = task.evaluate(eval_step, state["params"], "validation", sh)
+      eval_seconds = time.time() - eval_start
+      window_start += eval_seconds  # tokens/s and train_seconds count training only
       improved = np.zeros(population, bool)
       for i, (m, r) in enumerate(zip(models, results)):
         if not now_active[i]:
@@ -451,7 +458,7 @@ def fit(task, *, graphdef, state, sh: Shardings, tx, unit, members: list[Member]
       progress["evaluations"] += 1
       if improved.any():
         state = keep_best(state, jax.device_put(improved, sh.member))
-      hooks.print(hooks.label + task.validation_text(step_value, results, now_active))
+      hooks.print(f"{hooks.label}{task.validation_text(step_value, results, now_active)} ({eval_seconds:.1f} s)")
     if checkpoint_due:  # after the checks above: a checkpoint never holds a non-finite update
       save(step_value)
     if hooks.kill_after_steps is not None and steps_this_call >= hooks.kill_after_steps:
