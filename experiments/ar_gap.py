@@ -5,7 +5,9 @@ r"""Zoology's Table 1 for two trained language models: where the perplexity gap 
 
 RUN_A is the attention (reference) model M, RUN_B the model m under test; each is an LM run workdir holding
 `ar_eval.npz` (validation tokens and the model's log-probabilities) and `bigram_counts.npz` (bigram counts
-of the training split), both written by experiments/lm.py (`zoo_jax.analysis.ar_hits`). Prints, per run,
+of the tokens the model trained on, and the end-of-text token that separates documents in a packed row),
+both written by experiments/lm.py (`zoo_jax.analysis.ar_hits`). An AR hit's earlier occurrence must lie in
+the same document of its row. Prints, per run,
 the overall, AR-hit and other perplexity (log-perplexity = mean NLL in brackets) and for RUN_B the share of
 its gap to RUN_A explained by AR hits, min(((l_H^m − l_H^M) · p_H) / (l^m − l^M), 1) (paper, Section 3);
 then the NLL gap per slice and the AR hits bucketed by the bigram's training count. The AR-hit threshold
@@ -96,7 +98,11 @@ def compare(run_a: str, run_b: str, threshold: int | None = None) -> dict:
                                       hits_a.share)
   else:
     explained = ar_hits.GapExplained(None, all_b.mean_nll - all_a.mean_nll, "no AR hits in the evaluation")
+  if counts_a.eot_id is None:
+    notes.append(f"note: {counts_a_path} names no end-of-text token (written before it was recorded): the "
+                 "context of an AR hit is the whole packed row, not its document")
   return {"names": run_names(run_a, run_b), "threshold": threshold, "threshold_scaled": scaled,
+          "eot_id": counts_a.eot_id,
           "train_tokens": counts_a.num_tokens, "reports": reports, "explained": explained, "notes": notes,
           "summaries": summaries}
 
@@ -115,7 +121,8 @@ def format_result(result: dict) -> str:
   explained, hits, total = result["explained"], report_a.slices["ar_hits"], report_a.slices["all"]
   how = (f"scaled from {result['train_tokens']:,} training tokens: max({ar_hits.DEFAULT_THRESHOLD_FLOOR}, "
          f"round({ar_hits.PAPER_THRESHOLD_RATE:.3g} * tokens))" if result["threshold_scaled"] else "--threshold")
-  lines = [f"AR hits: bigram seen earlier in the context and seen fewer than {result['threshold']:,} times in "
+  context = "the same row" if result.get("eot_id") is None else "the same document"
+  lines = [f"AR hits: bigram seen earlier in {context} and seen fewer than {result['threshold']:,} times in "
            f"training ({how}); {hits.num_tokens:,} of {total.num_tokens:,} evaluated tokens "
            f"({100 * hits.share:.2f}%).", *result["notes"], ""]
   share = "–" if explained.value is None else f"{100 * explained.value:.1f}%"

@@ -309,7 +309,7 @@ TOKENS = np.array([[1, 2, 3, 1, 2, 3, 4, 5]])
 HIT = np.array([[0, 0, 0, 0, 0, 1, 0, 0]], bool)
 
 
-def write_run(workdir, hit_logprob, other_logprob, tokens=TOKENS, vocab_size=10, summary=None):
+def write_run(workdir, hit_logprob, other_logprob, tokens=TOKENS, vocab_size=10, summary=None, eot_id=9):
   os.makedirs(workdir, exist_ok=True)
   if summary is not None:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -317,7 +317,8 @@ def write_run(workdir, hit_logprob, other_logprob, tokens=TOKENS, vocab_size=10,
   logprobs = np.where(HIT, hit_logprob, other_logprob)
   logprobs[:, 0] = np.nan
   ar_hits.save_eval(os.path.join(workdir, "ar_eval.npz"), tokens, logprobs)
-  ar_hits.count_bigrams(np.array([[1, 2] * 100]), vocab_size).save(os.path.join(workdir, "bigram_counts.npz"))
+  ar_hits.count_bigrams(np.array([[1, 2] * 100]), vocab_size, eot_id).save(
+      os.path.join(workdir, "bigram_counts.npz"))
   return str(workdir)
 
 
@@ -336,7 +337,8 @@ def run_ar_gap(*args):
 def test_ar_gap_prints_table_1(two_runs, tmp_path):
   out = run_ar_gap(*two_runs, f"--output_json={tmp_path / 'gap.json'}")
   assert out.returncode == 0, out.stderr
-  assert "fewer than 10 times" in out.stdout and "1 of 7 evaluated tokens (14.29%)" in out.stdout
+  assert "earlier in the same document and seen fewer than 10 times" in out.stdout
+  assert "1 of 7 evaluated tokens (14.29%)" in out.stdout
   lines = {line.split("|")[1].strip(): line for line in out.stdout.splitlines() if line.startswith("| ")}
   # perplexity (mean NLL): overall, AR hits, other
   assert (f"| 1,234 | 5,000 | {math.exp(12.5 / 7):.2f} ({12.5 / 7:.3f}) | 1.65 (0.500) | 7.39 (2.000) |"
@@ -375,6 +377,8 @@ def test_ar_gap_errors(two_runs, tmp_path):
     ar_gap.compare(attention, base_conv, threshold=0)
   shorter = write_run(tmp_path / "shorter", -1.0, -1.0, summary=dict(train_tokens=4000))
   assert "different token budgets (5,000 vs 4,000)" in ar_gap.compare(attention, shorter)["notes"][0]
+  older = write_run(tmp_path / "older", -1.0, -1.0, eot_id=None)  # counts written before eot_id
+  assert "names no end-of-text token" in ar_gap.compare(older, base_conv)["notes"][-1]
 
   os.remove(os.path.join(base_conv, "ar_eval.npz"))  # the binary: one line naming the file, exit code 1
   out = run_ar_gap(attention, base_conv)
