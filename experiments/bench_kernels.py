@@ -44,18 +44,19 @@ ACCELERATOR_SHAPES = dict(batch=64, channels=768, lengths=[256, 1024, 4096, 8192
 CPU_SHAPES = dict(batch=4, channels=128, lengths=[256, 1024, 4096])
 SHORT_WIDTH = 4
 
-_OPS = flags.DEFINE_list("ops", ["gated_conv", "long_conv", "short_conv"], "Ops to time.")
-_PATHS = flags.DEFINE_list("paths", None, "Paths to time (default: xla, monarch, and pallas on an "
-                           "accelerator; an op skips the paths it does not have).")
-_LENGTHS = flags.DEFINE_list("lengths", None, "Sequence lengths (default: by backend, see the docstring).")
-_BATCH = flags.DEFINE_integer("batch", None, "Batch size (default: by backend).")
-_CHANNELS = flags.DEFINE_integer("channels", None, "Channels (default: by backend).")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "dtype of u and the gates.")
-_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per measurement (the median is reported).",
-                                lower_bound=1)
+if __name__ == "__main__":  # flags of the command line only: accelerator_check.py imports the functions
+  _OPS = flags.DEFINE_list("ops", ["gated_conv", "long_conv", "short_conv"], "Ops to time.")
+  _PATHS = flags.DEFINE_list("paths", None, "Paths to time (default: xla, monarch, and pallas on an "
+                             "accelerator; an op skips the paths it does not have).")
+  _LENGTHS = flags.DEFINE_list("lengths", None, "Sequence lengths (default: by backend, see the docstring).")
+  _BATCH = flags.DEFINE_integer("batch", None, "Batch size (default: by backend).")
+  _CHANNELS = flags.DEFINE_integer("channels", None, "Channels (default: by backend).")
+  _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "dtype of u and the gates.")
+  _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per measurement (the median is reported).",
+                                  lower_bound=1)
 
 
-def _op_fn(op: str, path: str):
+def op_fn(op: str, path: str):
   """(f(u, h, g_in, g_out) -> y, differentiable argnums) for an op and path, or None if it lacks the path."""
   if op == "gated_conv" and path in gated_conv.IMPLEMENTATIONS:
     return (lambda u, h, gi, go: gated_conv.gated_conv(u, h, in_gate=gi, out_gate=go, implementation=path),
@@ -90,8 +91,8 @@ def _device_peak_mib() -> float:
   return stats.get("peak_bytes_in_use", float("nan")) / 2**20
 
 
-def _measure(op: str, path: str, args, repeats: int) -> dict[str, float]:
-  f, argnums = _op_fn(op, path)
+def measure(op: str, path: str, args, repeats: int) -> dict[str, float]:
+  f, argnums = op_fn(op, path)
   fwd = jax.jit(f)
   loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32))
   fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=argnums))
@@ -99,7 +100,7 @@ def _measure(op: str, path: str, args, repeats: int) -> dict[str, float]:
               peak=_peak_mib(fwd_bwd, args), device_peak=_device_peak_mib())
 
 
-def _inputs(batch: int, length: int, channels: int, dtype):
+def inputs(batch: int, length: int, channels: int, dtype):
   rng = np.random.default_rng(0)
   u, g_in, g_out = (jnp.asarray(rng.standard_normal((batch, length, channels)), dtype) for _ in range(3))
   h = jnp.asarray(rng.standard_normal((length, channels)) / np.sqrt(length), jnp.float32)
@@ -127,13 +128,13 @@ def main(argv):
   print("-" * len(header))
   for op in _OPS.value:
     for length in lengths:
-      args = _inputs(batch, length, channels, dtype)
+      args = inputs(batch, length, channels, dtype)
       base = None
       for path in (["xla"] + [p for p in paths if p != "xla"]):
-        if _op_fn(op, path) is None:
+        if op_fn(op, path) is None:
           continue
         try:
-          r = _measure(op, path, args, _REPEATS.value)
+          r = measure(op, path, args, _REPEATS.value)
         except Exception as e:  # pylint: disable=broad-except  (out of memory, a lowering gap: report, go on)
           print(f"{op:<11} {path:<8} {length:>6}  error: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
           continue

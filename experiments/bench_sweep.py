@@ -26,34 +26,37 @@ from zoo_jax import trainer
 from zoo_jax.configs import figure2
 
 MIXERS = {"base_conv": {"name": "base_conv", "kernel_size": [3, -1]}, "attention": {"name": "attention"}}
-_MIXER = flags.DEFINE_enum("mixer", "base_conv", list(MIXERS), "Mixer of every run.")
-_D_MODEL = flags.DEFINE_integer("d_model", 64, "Model width.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "MQAR sequence length (num_kv_pairs = seq_len / 8).")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size of every run.")
-_STEPS = flags.DEFINE_integer("steps", 100, "Timed steps per run (after 2 warm-up steps).")
-_LRS = flags.DEFINE_list("learning_rates", ["1e-4", "3e-4", "1e-3", "3e-3"], "Learning rates of the group.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds of the group.")
+if __name__ == "__main__":  # flags of the command line only: accelerator_check.py imports measure()
+  _MIXER = flags.DEFINE_enum("mixer", "base_conv", list(MIXERS), "Mixer of every run.")
+  _D_MODEL = flags.DEFINE_integer("d_model", 64, "Model width.")
+  _SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "MQAR sequence length (num_kv_pairs = seq_len / 8).")
+  _BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size of every run.")
+  _STEPS = flags.DEFINE_integer("steps", 100, "Timed steps per run (after 2 warm-up steps).")
+  _LRS = flags.DEFINE_list("learning_rates", ["1e-4", "3e-4", "1e-3", "3e-3"], "Learning rates of the group.")
+  _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds of the group.")
 
 
-def _config() -> dict:
+def _config(mixer: str, d_model: int, seq_len: int, batch_size: int, steps: int, learning_rates: list[float],
+            seeds: list[int]) -> dict:
   c = config_lib.defaults().to_dict()
   c["data"]["vocab_size"] = 128
-  c["model"].update(d_model=_D_MODEL.value, mixer=MIXERS[_MIXER.value],
-                    learned_positions=_MIXER.value == "attention")
-  c["train"].update(batch_size=_BATCH.value, epochs=1)
-  n = (_STEPS.value + 2) * _BATCH.value
-  length = (_SEQ_LEN.value, _SEQ_LEN.value // 8)
-  c["runs"] = {f"{_MIXER.value}-d{_D_MODEL.value}-L{length[0]}-kv{length[1]}":
-               dict(data=figure2.data(*length, train_examples=n, eval_examples=_BATCH.value))}
-  c["sweep"] = dict(learning_rate=[float(x) for x in _LRS.value], seed=[int(x) for x in _SEEDS.value])
+  c["model"].update(d_model=d_model, mixer=MIXERS[mixer], learned_positions=mixer == "attention")
+  c["train"].update(batch_size=batch_size, epochs=1)
+  n = (steps + 2) * batch_size
+  length = (seq_len, seq_len // 8)
+  c["runs"] = {f"{mixer}-d{d_model}-L{length[0]}-kv{length[1]}":
+               dict(data=figure2.data(*length, train_examples=n, eval_examples=batch_size))}
+  c["sweep"] = dict(learning_rate=learning_rates, seed=seeds)
   return c
 
 
-def main(argv):
-  del argv
-  runs = sweep.expand_grid(_config())
+def measure(mixer: str, d_model: int, seq_len: int, batch_size: int, steps: int, learning_rates: list[float],
+            seeds: list[int]) -> dict:
+  """{runs, steps, sequential_s, vmapped_s}: wall seconds of `steps` timed steps of every run of the
+  group (learning_rates × seeds), one after another as populations of one, then as one vmapped population."""
+  runs = sweep.expand_grid(_config(mixer, d_model, seq_len, batch_size, steps, learning_rates, seeds))
   config, model_cfg = config_lib.resolve(runs[0].config)
-  total = _STEPS.value + 2
+  total = steps + 2
 
   # Sequential: each run a population of one (zoo_jax.train's step), one run after another.
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
@@ -87,9 +90,14 @@ def main(argv):
   for b in stacked[2:total]:
     state, metrics = train_step(state, active, b)
   jax.block_until_ready((state, metrics))
-  vmap_seconds = time.perf_counter() - t0
+  return dict(runs=len(runs), steps=steps, sequential_s=seq_seconds, vmapped_s=time.perf_counter() - t0)
 
-  n, s = len(runs), _STEPS.value
+
+def main(argv):
+  del argv
+  r = measure(_MIXER.value, _D_MODEL.value, _SEQ_LEN.value, _BATCH.value, _STEPS.value,
+              [float(x) for x in _LRS.value], [int(x) for x in _SEEDS.value])
+  n, s, seq_seconds, vmap_seconds = r["runs"], r["steps"], r["sequential_s"], r["vmapped_s"]
   print(f"{_MIXER.value} d_model={_D_MODEL.value} L={_SEQ_LEN.value} batch={_BATCH.value}: {n} runs "
         f"({len(_LRS.value)} learning rates × {len(_SEEDS.value)} seeds) × {s} steps, "
         f"{jax.default_backend()} ({os.cpu_count()} cores), load {os.getloadavg()[0]:.1f}")

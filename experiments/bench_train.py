@@ -100,21 +100,22 @@ N_LAYERS = 2
 FIGURE2_KV = {64: 4, 128: 8, 256: 16, 512: 64}  # Zoology's Figure-2 (seq_len, num_kv_pairs) pairs
 QUICK = dict(d_models=["32"], seq_lens=["64"], batch_scale=16, steps=3, warmup=1)
 
-_MIXERS = flags.DEFINE_list("mixers", list(MIXERS), "Mixers, names of RUNS in zoo_jax/configs/mqar.py "
-                            f"({', '.join(MIXERS)}).")
-_D_MODELS = flags.DEFINE_list("d_models", ["64", "128", "256"], "Model widths.")
-_SEQ_LENS = flags.DEFINE_list("seq_lens", ["64", "256", "512"], "Sequence lengths.")
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per trainer (the median is reported).", lower_bound=1)
-_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps per trainer before timing (the JAX steps are "
-                               "compiled ahead of time).", lower_bound=0)
-_BATCH_SCALE = flags.DEFINE_integer("batch_scale", 1, "Divide Zoology's batch sizes by this.", lower_bound=1)
-_QUICK = flags.DEFINE_bool("quick", False, f"Smoke run: {QUICK} (flags given explicitly win).")
-_TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch port of Zoology's step, if torch imports.")
-_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads; 0: the CPU cores this "
-                                      "process may use.", lower_bound=0)
-_TORCH_ATTENTION = flags.DEFINE_enum("torch_attention", "sdpa", ["sdpa", "zoology"],
-                                     "The torch port's attention: fused SDPA, or Zoology's einsum softmax.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed for data and parameters.")
+if __name__ == "__main__":  # flags of the command line only: accelerator_check.py imports bench_one
+  _MIXERS = flags.DEFINE_list("mixers", list(MIXERS), "Mixers, names of RUNS in zoo_jax/configs/mqar.py "
+                              f"({', '.join(MIXERS)}).")
+  _D_MODELS = flags.DEFINE_list("d_models", ["64", "128", "256"], "Model widths.")
+  _SEQ_LENS = flags.DEFINE_list("seq_lens", ["64", "256", "512"], "Sequence lengths.")
+  _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per trainer (the median is reported).", lower_bound=1)
+  _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps per trainer before timing (the JAX steps are "
+                                 "compiled ahead of time).", lower_bound=0)
+  _BATCH_SCALE = flags.DEFINE_integer("batch_scale", 1, "Divide Zoology's batch sizes by this.", lower_bound=1)
+  _QUICK = flags.DEFINE_bool("quick", False, f"Smoke run: {QUICK} (flags given explicitly win).")
+  _TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch port of Zoology's step, if torch imports.")
+  _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads; 0: the CPU cores this "
+                                        "process may use.", lower_bound=0)
+  _TORCH_ATTENTION = flags.DEFINE_enum("torch_attention", "sdpa", ["sdpa", "zoology"],
+                                       "The torch port's attention: fused SDPA, or Zoology's einsum softmax.")
+  _SEED = flags.DEFINE_integer("seed", 0, "Seed for data and parameters.")
 
 
 _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTEROP_THREADS",
@@ -193,13 +194,13 @@ class JaxTrainer:
 
 
 def jax_trainers(task: tasks.MQARTask, model_cfg: ModelConfig, train_cfg, host_batches: list, mesh, seed: int,
-                 total_steps: int) -> dict[str, JaxTrainer]:
-  """`zoo_jax` (the library's step) and `full_head` (the same step over `FullHeadLanguageModel`'s graphdef),
-  each from its own copy of the same initial state (the same seed)."""
+                 total_steps: int, full_head: bool = True) -> dict[str, JaxTrainer]:
+  """`zoo_jax` (the library's step) and, if `full_head`, `full_head` (the same step over
+  `FullHeadLanguageModel`'s graphdef), each from its own copy of the same initial state (the same seed)."""
   abstract = nnx.eval_shape(lambda: FullHeadLanguageModel(model_cfg, rngs=nnx.Rngs(seed)))
   full_graphdef, _ = nnx.split(abstract, nnx.Param)  # the same parameter tree under the other class
   trainers = {}
-  for name, graphdef in (("zoo_jax", None), ("full_head", full_graphdef)):
+  for name, graphdef in (("zoo_jax", None), ("full_head", full_graphdef))[:2 if full_head else 1]:
     _, state, sh, step_fn = trainer.single_step(task, model_cfg, train_cfg, mesh, seed, total_steps,
                                                 graphdef=graphdef)
     trainers[name] = JaxTrainer(state, sh, step_fn, host_batches)
@@ -213,30 +214,33 @@ def _cores() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def _import_torch_ref():
+def import_torch_ref(threads: int = 0, attention: str = "sdpa"):
+  """(experiments/zoology_torch_ref as a module, a note) with torch's intra-op threads set (0: the usable
+  cores), or (None, why not) when torch does not import."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     return None, f"torch not importable ({e}): no torch column"
   sys.path.insert(0, _EXPERIMENTS)
   import zoology_torch_ref  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(_TORCH_THREADS.value or _cores())
+  torch.set_num_threads(threads or _cores())
   backend = next((line.split(":", 1)[1].strip() for line in torch.__config__.parallel_info().splitlines()
                   if line.startswith("ATen parallel backend")), "?")
   return zoology_torch_ref, (f"torch {torch.__version__}: {torch.get_num_threads()} intra-op threads "
                              f"({backend}), {torch.get_num_interop_threads()} inter-op, attention "
-                             f"{_TORCH_ATTENTION.value}")
+                             f"{attention}")
 
 
 class TorchTrainer:
 
-  def __init__(self, ref, mixer: str, d_model: int, seq_len: int, host_batches: list, seed: int):
+  def __init__(self, ref, mixer: str, d_model: int, seq_len: int, host_batches: list, seed: int,
+               attention: str = "sdpa"):
     import torch  # pylint: disable=g-import-not-at-top
     torch.manual_seed(seed)
     run = MIXERS[mixer]
     model = ref.LanguageModel(mixer=run["mixer"], d_model=d_model, n_layers=N_LAYERS, vocab_size=VOCAB_SIZE,
                               l_max=seq_len, learned_positions=run.get("learned_positions", False),
-                              attention_impl=_TORCH_ATTENTION.value)
+                              attention_impl=attention)
     self.num_params = model.num_trainable_params()
     train_cfg = config_lib.defaults().train
     self.trainer = ref.Trainer(model, learning_rate=train_cfg.learning_rate,
@@ -272,33 +276,38 @@ def time_interleaved(trainers: dict[str, Any], warmup: int, steps: int) -> dict[
   return times
 
 
-def bench_one(mixer: str, d_model: int, seq_len: int, mesh, torch_ref) -> dict[str, Any]:
+def bench_one(mixer: str, d_model: int, seq_len: int, mesh, torch_ref, *, batch_scale: int = 1, warmup: int = 1,
+              steps: int = 5, seed: int = 0, torch_attention: str = "sdpa", full_head: bool = True
+              ) -> dict[str, Any]:
+  """One row of the table: the trainers' step times at (mixer, d_model, seq_len) (see the docstring);
+  `full_head=False` times the library's step (and torch's) only."""
   kv = num_kv_pairs(seq_len)
-  batch_size = max(1, zoology_batch_size(seq_len) // _BATCH_SCALE.value)
+  batch_size = max(1, zoology_batch_size(seq_len) // batch_scale)
   n_data = mesh.shape["data"]
   batch_size = max(n_data, batch_size // n_data * n_data)
-  n_batches = min(_WARMUP.value + _STEPS.value, 4)  # distinct real batches, cycled
+  n_batches = min(warmup + steps, 4)  # distinct real batches, cycled
   config, model_cfg = config_lib.resolve(
-      run_config(mixer, d_model, seq_len, batch_size, n_batches * batch_size, _SEED.value))
-  task = tasks.MQARTask(config, [_SEED.value])
+      run_config(mixer, d_model, seq_len, batch_size, n_batches * batch_size, seed))
+  task = tasks.MQARTask(config, [seed])
   host = list(task.train_batches(0))  # (1, b, l): a population of one
   k = task.k
-  total_steps = 2 * (_WARMUP.value + _STEPS.value)
+  total_steps = 2 * (warmup + steps)
 
-  trainers: dict[str, Any] = jax_trainers(task, model_cfg, config.train, host, mesh, _SEED.value, total_steps)
+  trainers: dict[str, Any] = jax_trainers(task, model_cfg, config.train, host, mesh, seed, total_steps,
+                                          full_head=full_head)
   n_params = trainers["zoo_jax"].num_params
   if torch_ref is not None and torch_ref.has_port(model_cfg.mixer):
     trainers["torch"] = TorchTrainer(torch_ref, mixer, d_model, seq_len, [{key: v[0] for key, v in b.items()}
-                                                                          for b in host], _SEED.value)
+                                                                          for b in host], seed, torch_attention)
     if trainers["torch"].num_params != n_params:
       raise ValueError(f"parameter counts differ, zoo_jax {n_params:,} vs torch port "
                        f"{trainers['torch'].num_params:,}: not a like-for-like comparison")
 
-  times = time_interleaved(trainers, _WARMUP.value, _STEPS.value)
+  times = time_interleaved(trainers, warmup, steps)
   tokens = batch_size * seq_len
   row = dict(mixer=mixer, d_model=d_model, seq_len=seq_len, kv=kv, k=k, batch=batch_size, params=n_params,
-             gflop=trainers["zoo_jax"].gflop, gflop_full=trainers["full_head"].gflop,
-             compile_s=trainers["zoo_jax"].compile_s + trainers["full_head"].compile_s)
+             gflop=trainers["zoo_jax"].gflop, gflop_full=trainers["full_head"].gflop if full_head else None,
+             compile_s=sum(t.compile_s for t in trainers.values() if isinstance(t, JaxTrainer)))
   for name, ts in times.items():
     median = statistics.median(ts)
     row[f"{name}_ms"] = 1000 * median
@@ -373,7 +382,7 @@ def main(argv):
   mesh = sharding.make_mesh()
   torch_ref, torch_note = (None, "torch timing off (--notorch)")
   if _TORCH.value:
-    torch_ref, torch_note = _import_torch_ref()
+    torch_ref, torch_note = import_torch_ref(_TORCH_THREADS.value, _TORCH_ATTENTION.value)
 
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s) "
         f"({jax.devices()[0].device_kind}), mesh {dict(mesh.shape)}; python {platform.python_version()}",
@@ -394,7 +403,9 @@ def main(argv):
       for seq_len in seq_lens:
         t0 = time.perf_counter()
         try:
-          row = bench_one(mixer, d_model, seq_len, mesh, torch_ref)
+          row = bench_one(mixer, d_model, seq_len, mesh, torch_ref, batch_scale=_BATCH_SCALE.value,
+                          warmup=_WARMUP.value, steps=_STEPS.value, seed=_SEED.value,
+                          torch_attention=_TORCH_ATTENTION.value)
         except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: report, go on)
           row = dict(mixer=mixer, d_model=d_model, seq_len=seq_len, error=f"{type(e).__name__}: {e}"[:200])
         rows.append(row)
