@@ -32,10 +32,12 @@ explicitly by `compiler_params=pallas.triton.CompilerParams(...)`: jax 0.10 alre
 programming model (`plgpu.kernel`, warpgroups, explicit SMEM/TMA pipelines; `pallas_call` on it is itself
 deprecated) that shares nothing with the TPU kernel and could not be validated without a GPU in this
 session, while the Triton lowering of a grid + BlockSpec kernel exists unchanged in 0.10.2 and 0.11.x.
-A Mosaic GPU port is the next step when a GPU is available to test it. Triton needs power-of-two block
-shapes and 2-D dots with every dimension >= 16, so on GPU the Pallas path takes power-of-two L >= 256
-(`pallas_supported`; the dispatchers fall back to the XLA Monarch path otherwise). Both lowerings were
-checked without hardware (`jax.jit(...).trace(...).lower(lowering_platforms=('tpu',) / ('cuda',))` with
+A Mosaic GPU port is the next step when a GPU is available to test it; until then the GPU path is
+experimental (never a default, `_dispatch.EXPERIMENTAL`), unsupported where the installed jax has no
+Triton backend, and `experiments/accelerator_check.py` records whether it compiles and matches. Triton
+needs power-of-two block shapes and 2-D dots with every dimension >= 16, so on GPU the Pallas path takes
+power-of-two L >= 256 (`pallas_supported`; the dispatchers fall back to the XLA Monarch path otherwise).
+Both lowerings were checked without hardware (`jax.jit(...).trace(...).lower(lowering_platforms=('tpu',) / ('cuda',))` with
 interpret off: Mosaic TPU and Triton IR are produced); neither was compiled or run on a device here.
 
 Expected performance, unmeasured: one program holds a whole (L, block) tile of every intermediate on
@@ -283,19 +285,25 @@ pallas_gated.defvjp(_pallas_gated_fwd, _pallas_gated_bwd)
 
 def pallas_supported(length: int, channels: int, block_c: int | None = None) -> bool:
   """Whether the compiled Pallas path takes this shape on the current backend: anything in interpret mode.
-  On TPU (Mosaic): a channel block of a multiple of 128 lanes or all channels. On GPU (Triton):
-  power-of-two L >= 256 (so that both DFT stages are matmuls with every dimension >= 16, as Triton's dot
-  requires) and a power-of-two channel block."""
+  On TPU (Mosaic): a channel block of a multiple of 128 lanes or all channels. On GPU (Triton, experimental,
+  see `_dispatch`): this jax still has Pallas's Triton backend, power-of-two L >= 256 (so that both DFT
+  stages are matmuls with every dimension >= 16, as Triton's dot requires) and a power-of-two channel
+  block."""
   backend, cb = jax.default_backend(), _dispatch.channel_block(channels, block_c)
   if backend == "tpu":
     return cb % 128 == 0 or cb == channels
   if backend != "gpu":
     return True
+  if _dispatch.pallas_gpu_backend() is None:
+    return False
   p = plan(length)
   return _power_of_two(length) and _power_of_two(cb) and min(p.m, p.n1) >= 16
 
 
 def check_pallas_supported(length: int, channels: int, block_c: int | None = None) -> None:
+  if jax.default_backend() == "gpu" and _dispatch.pallas_gpu_backend() is None:
+    raise ValueError(f"the pallas path on gpu needs Pallas's Triton backend, which jax {jax.__version__} does "
+                     "not have; use implementation='xla' (the default)")
   if not pallas_supported(length, channels, block_c):
     raise ValueError(f"the pallas path on {jax.default_backend()} cannot take length {length} with channel "
                      f"block {_dispatch.channel_block(channels, block_c)} (see _fftconv.pallas_supported)")
