@@ -8,6 +8,15 @@ Each run of the config's `runs` trains in `<workdir>/<run name>` (config.json, m
 checkpoints/, summary.json); the table — these runs and any other finished run already in the workdir — is
 also written to `<workdir>/results.md`. Rerunning with the same workdir resumes unfinished runs from their
 checkpoints and reports finished ones.
+
+Seeds and learning rates (the config's `sweep` section, the sweep binaries' keys):
+`--config.sweep.seed='[0,1,2]' --config.sweep.learning_rate='[1e-3,3e-3]'` trains each run at every seed ×
+learning rate as ONE vmapped population (`train.train_population`; an empty list means the run's own `seed`
+/ `train.learning_rate`, and a non-empty one replaces them). The table then follows Zoology's protocol: the
+learning rate with the best validation accuracy (mean over seeds), and at it the test accuracy's mean ± std
+over seeds and how many seeds reach 0.99 ("3/3"). A population of one model is a plain single run. With
+runs at two or more lengths, `<workdir>/accuracy_vs_length.png` plots test accuracy against L per mixer
+(mean ± std over seeds).
 """
 
 import json
@@ -16,10 +25,12 @@ import sys
 
 from absl import logging
 from absl import flags
+import numpy as np
 
 from zoo_jax import checkpoint
 from zoo_jax import cli
 from zoo_jax import config as config_lib
+from zoo_jax import sweep
 from zoo_jax import train
 
 _CONFIG = cli.define_config_flag(os.path.join(os.path.dirname(__file__), "configs", "mqar.py"))
@@ -27,18 +38,71 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
                                required=True)
 
 
+def _accuracy(s: dict) -> str:
+  if s.get("num_seeds", 1) > 1:
+    return f"{s['test_accuracy']:.3f} ± {s['test_std']:.3f}"
+  return f"{s['test_accuracy']:.3f}"
+
+
 def format_table(summaries: dict) -> str:
   slices = sorted({s for summary in summaries.values() for s in summary["test_slices"]},
                   key=lambda s: [int(x) for x in s[1:].split("_kv")])
-  header = ["run", "d_model", "params", "state size", "valid acc", "test acc", *(f"test {s}" for s in slices),
-            "best epoch", "tok/s", "train s"]
+  header = ["run", "d_model", "params", "state size", "lr", "valid acc", "test acc",
+            *(f"test {s}" for s in slices), f"seeds ≥ {train.SOLVED_ACCURACY}", "best epoch", "tok/s", "train s"]
   rows = [header, ["---"] * len(header)]
   for name, s in summaries.items():
+    best_epoch = s["best_epoch"] if isinstance(s["best_epoch"], list) else [s["best_epoch"]]
+    solved = (f"{s['seeds_solved']}/{s['num_seeds']}" if "seeds_solved" in s
+              else f"{int(s['test_accuracy'] >= train.SOLVED_ACCURACY)}/1")
     rows.append([name, str(s["d_model"]), f"{s['num_params']:,}", f"{s['state_size']:,}",
-                 f"{s['validation_accuracy']:.3f}", f"{s['test_accuracy']:.3f}",
+                 f"{s['learning_rate']:.0e}" if "learning_rate" in s else "–",
+                 f"{s['validation_accuracy']:.3f}", _accuracy(s),
                  *(f"{s['test_slices'][sl]:.3f}" if sl in s["test_slices"] else "–" for sl in slices),
-                 str(s["best_epoch"]), f"{s['tokens_per_sec']:,.0f}", f"{s['train_seconds']:.0f}"])
+                 solved, ",".join(map(str, best_epoch)), f"{s['tokens_per_sec']:,.0f}", f"{s['train_seconds']:.0f}"])
   return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def plot_accuracy_vs_length(summaries: dict, path: str) -> bool:
+  """Test accuracy against the training length per mixer (mean ± std over seeds) to `path`; False (nothing
+  written) unless some mixer has runs at two or more lengths."""
+  curves: dict[str, dict[int, tuple[float, float]]] = {}
+  for s in summaries.values():
+    if "seq_len" in s:
+      mixer = s["mixer"]["name"] if isinstance(s["mixer"], dict) else str(s["mixer"])
+      curves.setdefault(mixer, {})[int(s["seq_len"])] = (s["test_accuracy"], s.get("test_std", 0.0))
+  if not any(len(points) > 1 for points in curves.values()):
+    return False
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for mixer, points in sorted(curves.items()):
+    lengths = sorted(points)
+    mean, std = (np.asarray([points[l][i] for l in lengths]) for i in (0, 1))
+    ax.errorbar(lengths, mean, yerr=std, marker="o", capsize=3, label=mixer)
+  widths = sorted({s["d_model"] for s in summaries.values()})
+  ax.set(xscale="log", xlabel="sequence length L", ylabel="MQAR test accuracy", ylim=(-0.02, 1.02),
+         title=f"d_model {', '.join(map(str, widths))}: mean ± std over seeds")
+  ax.set_xticks(sorted({l for p in curves.values() for l in p}), labels=None)
+  ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
+def population_axes(config) -> tuple[dict, list[int], list[float]]:
+  """(the config without its `sweep` section, its seeds, its learning rates): checked, one-line errors."""
+  base = config_lib.as_dict(config)
+  axes = base.pop("sweep", None) or {}
+  for key in axes:
+    if key not in ("seed", "learning_rate"):
+      raise ValueError(f"sweep.{key} is not a key of an MQAR command's sweep; accepted: ['learning_rate', 'seed']")
+  seeds, rates = list(axes.get("seed") or []), list(axes.get("learning_rate") or [])
+  sweep.population(dict(sweep=dict(seed=seeds or [0], learning_rate=rates or [1e-3])))  # types and ranges
+  return base, seeds, rates
 
 
 def all_summaries(workdir: str, names: list[str]) -> dict[str, dict]:
@@ -63,18 +127,33 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # Orbax logs every checkpoint step at INFO
     logging.set_verbosity(logging.WARNING)
   try:
-    configs = config_lib.expand_runs(_CONFIG.value)
+    base, seeds, rates = population_axes(_CONFIG.value)
+    configs = config_lib.expand_runs(base)
   except ValueError as e:  # a one-line message naming the key, before anything is computed or written
     sys.exit(f"error: {e}")
   for name, cfg in configs.items():
+    run_seeds = seeds or [cfg.get("seed", 0)]
+    run_rates = rates or [cfg.get("train", {}).get("learning_rate", config_lib.defaults().train.learning_rate)]
     print(f"\n=== {name} ===", flush=True)
+    workdir = os.path.join(_WORKDIR.value, name)
     try:
-      train.train_and_evaluate(cfg, os.path.join(_WORKDIR.value, name))
+      if len(run_seeds) * len(run_rates) == 1:  # a population of one: the plain single run
+        cfg = config_lib.deep_merge(cfg, {"seed": run_seeds[0], "train": {"learning_rate": run_rates[0]}})
+        train.train_and_evaluate(cfg, workdir)
+      else:
+        train.train_population(cfg, workdir, seeds=run_seeds, learning_rates=run_rates, name=name)
     except (ValueError, checkpoint.CheckpointError, train.NonFiniteLossError) as e:
       sys.exit(f"error: {name}: {e}")
-  table = format_table(all_summaries(_WORKDIR.value, list(configs)))
+  summaries = all_summaries(_WORKDIR.value, list(configs))
+  table = format_table(summaries)
   checkpoint.write_text(os.path.join(_WORKDIR.value, "results.md"), table + "\n")
-  print("\nMQAR accuracy (model chosen on validation, accuracy on test):\n" + table)
+  protocol = ("learning rate chosen on validation (mean over seeds), test accuracy mean ± std over seeds"
+              if any(s.get("num_seeds", 1) > 1 for s in summaries.values()) else
+              "model chosen on validation, accuracy on test")
+  print(f"\nMQAR accuracy ({protocol}):\n" + table)
+  plot = os.path.join(_WORKDIR.value, "accuracy_vs_length.png")
+  if plot_accuracy_vs_length({n: summaries[n] for n in configs if n in summaries}, plot):
+    print(f"\naccuracy against length: {plot}")
 
 
 if __name__ == "__main__":

@@ -195,3 +195,116 @@ def test_mqar_results_table_merges_other_runs_and_names_an_unreadable_summary(tm
   assert [row.split("|")[1].strip() for row in table[2:]] == ["attention", "other"], table
   assert "| 0.250 | 0.125 | 0.125 |" in table[3]
   assert not [p for p in os.listdir(workdir / "attention") if ".tmp" in p]
+
+
+# ---------------------------------------------------------------------------------------------- Seeds × learning rates
+
+
+def _row(lr, seed, validation, test):
+  return dict(learning_rate=lr, seed=seed, validation_accuracy=validation, test_accuracy=test,
+              test_slices={"L16_kv2": test}, best_epoch=seed + 1, epochs_run=3, status="ok", num_params=10,
+              state_size=20, tokens_per_sec=1.0, train_seconds=2.0)
+
+
+def test_population_summary_chooses_the_learning_rate_on_mean_validation_then_reports_test_over_seeds():
+  # lr 1e-3 has the best single validation score (0.99) but the lower mean; lr 3e-3 is chosen on its mean,
+  # although lr 1e-3 has the better test accuracy: selection never looks at test.
+  rows = [_row(1e-3, 0, 0.99, 1.0), _row(1e-3, 1, 0.30, 1.0), _row(1e-3, 2, 0.30, 1.0),
+          _row(3e-3, 0, 0.98, 0.995), _row(3e-3, 1, 0.97, 0.97), _row(3e-3, 2, 0.96, 0.99),
+          _row(1e-2, 0, float("nan"), float("nan")), _row(1e-2, 1, 1.0, 1.0), _row(1e-2, 2, 1.0, 1.0)]
+  s = train.summarize_population(rows)
+  assert s["learning_rate"] == 3e-3 and s["learning_rates"] == [1e-3, 3e-3, 1e-2]
+  assert s["validation_accuracy"] == pytest.approx(0.97)  # lr 1e-2's diverged seed counts as 0: mean 0.667
+  assert s["test_accuracy"] == pytest.approx(np.mean([0.995, 0.97, 0.99]))
+  assert s["test_std"] == pytest.approx(np.std([0.995, 0.97, 0.99]))
+  assert (s["seeds_solved"], s["num_seeds"], s["seeds"]) == (2, 3, [0, 1, 2])
+  assert s["best_epoch"] == [1, 2, 3] and s["test_slices"]["L16_kv2"] == pytest.approx(s["test_accuracy"])
+  assert len(s["members"]) == 9
+
+
+@pytest.mark.slow  # two 2×2 populations and two single runs of the tiny config: ~30 s idle
+def test_seeds_by_learning_rates_population_equals_the_same_runs_trained_one_by_one(tmp_path):
+  cfg = tiny_config(dict(name="attention"), epochs=2, early_stop_accuracy=0.2)
+  summary = train.train_population(cfg, str(tmp_path / "population"), seeds=[0, 1],
+                                   learning_rates=[1e-3, 3e-3], name="attention")
+  by_key = {(m["learning_rate"], m["seed"]): m for m in summary["members"]}
+  assert len(by_key) == 4 and all(m["group_size"] == 4 for m in by_key.values())
+  for lr, seed in ((1e-3, 0), (3e-3, 1)):  # both the seed and the injected learning rate differ from member 0
+    single = train.train_and_evaluate(config_lib.deep_merge(cfg, {"seed": seed, "train": {"learning_rate": lr}}),
+                                      str(tmp_path / f"single-{lr}-{seed}"))
+    member = by_key[(lr, seed)]
+    for key in ("best_epoch", "epochs_run", "stopped_early"):
+      assert member[key] == single[key], key
+    np.testing.assert_allclose(member["test_loss"], single["test_loss"], rtol=1e-5)
+    np.testing.assert_allclose(member["test_accuracy"], single["test_accuracy"], atol=1e-6)
+    np.testing.assert_allclose(member["validation_accuracy"], single["validation_accuracy"], atol=1e-6)
+  assert summary == {**train.summarize_population(summary["members"]), **{
+      k: summary[k] for k in ("d_model", "seq_len", "num_kv_pairs", "mixer", "wall_seconds", "devices", "backend")}}
+  assert json.loads((tmp_path / "population" / "summary.json").read_text())["learning_rate"] == summary["learning_rate"]
+
+
+TWO_LENGTHS_CONFIG = '''
+from zoo_jax.configs.mqar import get_config as _mqar_config
+
+
+def get_config(arg=None):
+  c = _mqar_config("attention")
+  segment = lambda l, n: [dict(seq_len=l, num_kv_pairs=2, num_examples=n)]
+  c.data.vocab_size = 64
+  c.data.train_segments, c.data.validation_segments, c.data.test_segments = segment(16, 256), segment(16, 32), segment(16, 32)
+  c.model.d_model = 16
+  c.train.update(epochs=1, batch_size=32, eval_batch_size=32, log_every_steps=8)
+  run = c.runs.attention
+  c.runs = {"attention-L16": dict(model=run.model, data={}),
+            "attention-L24": dict(model=run.model, data=dict(train_segments=segment(24, 256),
+                                  validation_segments=segment(24, 32), test_segments=segment(24, 32)))}
+  return c
+'''
+
+
+@pytest.mark.slow  # 3 subprocesses, two 2-seed populations of the tiny model: ~40 s idle
+def test_mqar_binary_trains_seeds_as_a_population_writes_the_table_and_plot_and_refuses_bad_axes(tmp_path):
+  config = tmp_path / "two_lengths.py"
+  config.write_text(TWO_LENGTHS_CONFIG)
+  workdir = tmp_path / "work"
+  binary = [sys.executable, os.path.join(REPO, "experiments", "mqar.py"), f"--config={config}",
+            f"--workdir={workdir}"]
+  for bad, message in (("--config.sweep.seed=[0,-1]", "error: sweep.seed entries must be non-negative"),
+                       ("--config.sweep.learning_rate=[1e-3,20.0]", "error: sweep.learning_rate[1]:")):
+    res = subprocess.run(binary + [bad], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith(message), res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and not workdir.exists()
+  res = subprocess.run(binary + ["--config.sweep.seed=[0,1]"], capture_output=True, text=True, timeout=600,
+                       cwd=REPO)
+  assert res.returncode == 0, res.stderr[-3000:]
+  table = (workdir / "results.md").read_text().splitlines()
+  assert [row.split("|")[1].strip() for row in table[2:]] == ["attention-L16", "attention-L24"], table
+  for name, row in zip(("attention-L16", "attention-L24"), table[2:]):
+    summary = json.loads((workdir / name / "summary.json").read_text())
+    assert summary["num_seeds"] == 2 and len(summary["members"]) == 2
+    assert f"{summary['test_accuracy']:.3f} ± {summary['test_std']:.3f}" in row
+    assert f"| {summary['seeds_solved']}/2 |" in row
+  assert (workdir / "accuracy_vs_length.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fresh_examples_are_a_pure_function_of_seed_and_step_split_over_segments_in_proportion():
+  from zoo_jax.data import mqar  # pylint: disable=g-import-not-at-top
+  segments = [dict(seq_len=16, num_kv_pairs=2, num_examples=300), dict(seq_len=24, num_kv_pairs=4, num_examples=100)]
+  batch = mqar.fresh_batch(segments, 32, vocab_size=64, seed=3, step=7)
+  again = mqar.fresh_batch(segments, 32, vocab_size=64, seed=3, step=7)
+  assert all(np.array_equal(batch[k], again[k]) for k in batch)
+  assert batch["inputs"].shape == (32, 24) and sorted(np.bincount(batch["seq_len"])[[16, 24]]) == [8, 24]
+  short = batch["seq_len"] == 16
+  assert (batch["labels"][short, 16:] == mqar.IGNORE_INDEX).all() and (batch["inputs"][short, 16:] == 0).all()
+  assert ((batch["labels"] != mqar.IGNORE_INDEX).sum(axis=1) == batch["num_kv_pairs"]).all()
+  for other in (mqar.fresh_batch(segments, 32, vocab_size=64, seed=3, step=8),
+                mqar.fresh_batch(segments, 32, vocab_size=64, seed=4, step=7)):
+    assert not np.array_equal(other["inputs"], batch["inputs"])
+  # The task draws each model's batch from its own seed and the step, from any start step (resume).
+  cfg, _ = config_lib.resolve(config_lib.deep_merge(tiny_config(), {"data": {"fresh_examples": True}}))
+  task = tasks.MQARTask(cfg, [0, 5])
+  first = next(iter(task.train_batches(6)))
+  for i, seed in enumerate((0, 5)):
+    want = mqar.fresh_batch(cfg.data.train_segments, 32, vocab_size=64, seed=seed, step=6)
+    assert np.array_equal(first["inputs"][i], want["inputs"])
+  assert len(list(task.train_batches(0))) == task.total_steps

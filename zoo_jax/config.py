@@ -51,6 +51,7 @@ def defaults() -> ml_collections.ConfigDict:
       vocab_size=8192,
       power_a=0.01,
       random_non_queries=False,
+      fresh_examples=False,  # True: new training examples every step, seeded by (seed, step); not Zoology's
       # Each segment: {seq_len, num_kv_pairs, num_examples}; segments of a split are concatenated.
       train_segments=[dict(seq_len=64, num_kv_pairs=4, num_examples=100_000)],
       validation_segments=[dict(seq_len=64, num_kv_pairs=4, num_examples=3_000)],
@@ -146,6 +147,7 @@ class MQARData(_Strict):
   vocab_size: int = pydantic.Field(ge=1, le=MAX_VOCAB_SIZE)
   power_a: float = pydantic.Field(gt=0, le=1)
   random_non_queries: bool
+  fresh_examples: bool = False
   train_segments: list[Segment] = pydantic.Field(min_length=1)
   validation_segments: list[Segment] = pydantic.Field(min_length=1)
   test_segments: list[Segment] = pydantic.Field(min_length=1)
@@ -498,10 +500,13 @@ def expand_runs(config: Any) -> dict[str, dict]:
   `runs` maps a run name to a partial config deep-merged into the base config, e.g. `{'attention':
   {'model': {'mixer': {'name': 'attention'}, 'learned_positions': True}}}` (a `mixer` is replaced whole,
   not merged); without `runs` the config is one run named 'run'. Every run is checked here (`resolve`), so
-  a bad run fails before any of them trains. A sweep config (one with a `sweep` section) is refused: its runs
+  a bad run fails before any of them trains. A `sweep` section of only `seed` / `learning_rate` (the population
+  axes of experiments/mqar.py, which reads it first) is left out; any other sweep config is refused: its runs
   are expanded by `zoo_jax.sweep.expand_grid` (each × sweep.learning_rate × sweep.seed).
   """
   base = as_dict(config)
+  if isinstance(base.get("sweep"), Mapping) and set(base["sweep"]) <= {"seed", "learning_rate"}:
+    base.pop("sweep")  # an MQAR command's seeds × learning rates, which experiments/mqar.py reads first
   if "sweep" in base:
     raise ValueError("sweep: this is a sweep config (its runs × sweep.learning_rate × sweep.seed); run it with "
                      "experiments/sweep.py, not as single runs")

@@ -116,7 +116,18 @@ class MQARTask:
       yield _stack_population([{k: b[k] for k in ("inputs", "labels", "weight")} for b in batches])
 
   def train_batches(self, start_step: int):
-    """Batches are a pure function of (seed, epoch, step): a resumed run sees the same batches."""
+    """Batches are a pure function of (seed, epoch, step): a resumed run sees the same batches. With
+    `data.fresh_examples` each step's batch is new examples drawn from (seed, step) (`mqar.fresh_batch`);
+    an epoch is then steps_per_epoch steps of the training segments' sizes, a validation interval."""
+    if self.config.data.get("fresh_examples", False):
+      data = self.config.data
+      for step in range(start_step, self.total_steps):
+        yield _stack_population([
+            {k: b[k] for k in ("inputs", "labels", "weight")}
+            for b in (mqar.fresh_batch(data.train_segments, self.batch_size, vocab_size=data.vocab_size, seed=s,
+                                       step=step, power_a=data.power_a, random_non_queries=data.random_non_queries)
+                      for s in self.seeds)])
+      return
     first_epoch, first = divmod(start_step, self.steps_per_epoch)
     for epoch in range(first_epoch, self.epochs):
       yield from self._stacked("train", epoch, first if epoch == first_epoch else 0)

@@ -17,19 +17,23 @@ summary.json at the end; `.lock` while a process works in it.
 """
 
 import json
+import math
 import os
 import time
 from typing import Any
 
 import jax
+import numpy as np
 
 from zoo_jax import checkpoint as checkpoint_lib
 from zoo_jax import config as config_lib
 from zoo_jax import sharding
+from zoo_jax import sweep
 from zoo_jax import tasks
 from zoo_jax import trainer
 
 NonFiniteLossError = trainer.NonFiniteLossError
+SOLVED_ACCURACY = 0.99  # a seed "solves" MQAR when its test accuracy reaches this
 
 
 def train_and_evaluate(config: Any, workdir: str, *, _kill_after_steps: int | None = None) -> dict[str, Any]:
@@ -95,8 +99,76 @@ def _run(config, model_cfg, mesh, workdir: str, kill_after_steps: int | None) ->
       devices=len(mesh.devices.flat),
       backend=jax.default_backend(),
       validation_slices=validation["slices"],
+      learning_rate=config.train.learning_rate,
+      seed=config.seed,
+      seq_len=config.data.train_segments[0]["seq_len"],
+      num_seeds=1,
+      seeds_solved=int(test["accuracy"] >= SOLVED_ACCURACY),
   )
   checkpoint_lib.write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
   print(f"done: best epoch {summary['best_epoch']}: validation accuracy {summary['validation_accuracy']:.4f}, "
         f"test accuracy {summary['test_accuracy']:.4f}", flush=True)
   return summary
+
+
+def train_population(config: Any, workdir: str, *, seeds: list[int], learning_rates: list[float],
+                     name: str = "run") -> dict[str, Any]:
+  """Trains one MQAR run config at every seed × learning rate as ONE vmapped population (the sweep's
+  `train_group`: each model exactly as `train_and_evaluate` would train it alone) and summarises it by
+  Zoology's protocol: the learning rate with the best validation accuracy (mean over seeds), then at that
+  learning rate the test accuracy's mean and standard deviation over seeds and how many seeds reach
+  `SOLVED_ACCURACY`. Writes `<workdir>/summary.json` (these fields plus `members`, one results row per
+  model) beside the group's metrics.jsonl and checkpoints; a rerun resumes or reports.
+  """
+  sweep_config = dict(config_lib.as_dict(config), runs={name: {}},
+                      sweep=dict(seed=list(seeds), learning_rate=list(learning_rates)))
+  runs = sweep.expand_grid(sweep_config)  # every model's config checked before anything is written
+  start_time = time.time()
+  resolved, model_cfg = config_lib.resolve(runs[0].config)
+  print(f"training {model_cfg.mixer} d_model={model_cfg.d_model}: {len(runs)} models (learning rates "
+        f"{list(learning_rates)} × seeds {list(seeds)}) as one population", flush=True)
+  rows = sweep.train_group(runs, workdir)
+  summary = summarize_population(rows)
+  segment = resolved.data.train_segments[0]
+  summary.update(d_model=model_cfg.d_model, seq_len=segment["seq_len"], num_kv_pairs=segment["num_kv_pairs"],
+                 mixer=dict(resolved.model.mixer), wall_seconds=time.time() - start_time,
+                 devices=len(jax.devices()), backend=jax.default_backend())
+  checkpoint_lib.write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
+  print(f"done: learning rate {summary['learning_rate']:.2e} (best mean validation accuracy "
+        f"{summary['validation_accuracy']:.4f}): test accuracy {summary['test_accuracy']:.4f} ± "
+        f"{summary['test_std']:.4f} over {summary['num_seeds']} seeds, {summary['seeds_solved']}/"
+        f"{summary['num_seeds']} at >= {SOLVED_ACCURACY}", flush=True)
+  return summary
+
+
+def summarize_population(rows: list[dict[str, Any]]) -> dict[str, Any]:
+  """Zoology's protocol over one run's results rows (learning rates × seeds): the learning rate of the best
+  mean validation accuracy over seeds (a diverged model counts as 0); at it, the mean and (population)
+  standard deviation over seeds of the test accuracy and of each test slice, the seeds reaching
+  `SOLVED_ACCURACY` on test, and each seed's best epoch."""
+  by_lr: dict[float, list[dict[str, Any]]] = {}
+  for row in rows:
+    by_lr.setdefault(float(row["learning_rate"]), []).append(row)
+
+  def finite(x: float) -> float:
+    return x if math.isfinite(x) else 0.0
+
+  def validation(lr: float) -> float:
+    return float(np.mean([finite(r["validation_accuracy"]) for r in by_lr[lr]]))
+
+  lr = max(sorted(by_lr), key=validation)
+  chosen = by_lr[lr]
+  tests = np.asarray([finite(r["test_accuracy"]) for r in chosen])
+  slices = sorted({s for r in chosen for s in r["test_slices"]})
+  return dict(
+      learning_rate=lr, learning_rates=sorted(by_lr), seeds=[int(r["seed"]) for r in chosen],
+      num_seeds=len(chosen), validation_accuracy=validation(lr),
+      validation_by_learning_rate={f"{k:.2e}": validation(k) for k in sorted(by_lr)},
+      test_accuracy=float(tests.mean()), test_std=float(tests.std()),
+      test_accuracies=[float(t) for t in tests],
+      seeds_solved=int((tests >= SOLVED_ACCURACY).sum()),
+      test_slices={s: float(np.mean([r["test_slices"].get(s, 0.0) for r in chosen])) for s in slices},
+      best_epoch=[int(r["best_epoch"]) for r in chosen], epochs_run=[int(r["epochs_run"]) for r in chosen],
+      status=[r["status"] for r in chosen], num_params=int(chosen[0]["num_params"]),
+      state_size=int(chosen[0]["state_size"]), tokens_per_sec=float(chosen[0]["tokens_per_sec"]),
+      train_seconds=float(chosen[0]["train_seconds"]), members=rows)

@@ -120,6 +120,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.eval_batch_size = 500
   config.train.learning_rate = 3e-3
   config.train.log_every_steps = 125
+  # Seeds × learning rates of every run as one population (experiments/mqar.py; empty: the run's own seed and
+  # learning rate). Tuples, so that `--config.sweep.seed='[0,1,2]'` overrides them.
+  config.sweep = dict(seed=(), learning_rate=())
   # Copies: a --config override edits the lists inside a run in place, and RUNS outlives this config.
   config.runs = {name: copy.deepcopy(RUNS[name]) for name in names}
   return config

@@ -351,6 +351,54 @@ def build_dataset(
     return MQARDataset(inputs=inputs, labels=labels, seq_len=seq_len_tag, num_kv_pairs=kv_tag)
 
 
+def fresh_batch(
+    segments: Sequence[Any],
+    batch_size: int,
+    *,
+    vocab_size: int,
+    seed: int,
+    step: int,
+    power_a: float = 0.01,
+    random_non_queries: bool = False,
+) -> dict[str, np.ndarray]:
+    """A training batch of new examples, a pure function of (seed, step): the option of drawing fresh
+    examples every step instead of epochs over a fixed set (Zoology's protocol). Rows are split over the
+    segments in proportion to their num_examples (largest remainders first), shuffled, and padded to the
+    segments' longest seq_len; the keys are those of epoch_batches'. The draws use seeds apart from the
+    fixed splits' (build_dataset), so a fresh batch is never a copy of validation or test by construction
+    of the seeds (random coincidences aside).
+    """
+    _require_positive_int("batch_size", batch_size)
+    _require_nonnegative_int("seed", seed)
+    _require_nonnegative_int("step", step)
+    fields = [_segment_fields(segment, i) for i, segment in enumerate(segments)]
+    if not fields:
+        raise ValueError("mqar.segments must be a non-empty sequence of segments, got 0 segments")
+    shares = np.asarray([int(f["num_examples"]) for f in fields], np.float64)
+    exact = batch_size * shares / shares.sum()
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: batch_size - counts.sum()]:
+        counts[i] += 1
+    max_len = max(int(f["seq_len"]) for f in fields)
+    parts = []
+    for i, (f, n) in enumerate(zip(fields, counts)):
+        if n == 0:
+            continue
+        draw_seed = int(np.random.SeedSequence([seed, len(SPLITS), step, i]).generate_state(1, np.uint64)[0])
+        inputs, labels = generate_mqar(vocab_size=vocab_size, seq_len=int(f["seq_len"]),
+                                       num_kv_pairs=int(f["num_kv_pairs"]), num_examples=int(n), seed=draw_seed,
+                                       power_a=power_a, random_non_queries=random_non_queries)
+        pad = ((0, 0), (0, max_len - inputs.shape[1]))
+        parts.append(dict(inputs=np.pad(inputs, pad), labels=np.pad(labels, pad, constant_values=IGNORE_INDEX),
+                          seq_len=np.full(n, inputs.shape[1], np.int32),
+                          num_kv_pairs=np.full(n, int(f["num_kv_pairs"]), np.int32)))
+    order = np.random.default_rng([seed, len(SPLITS), step]).permutation(batch_size)
+    batch = {key: np.concatenate([p[key] for p in parts])[order] for key in parts[0]}
+    batch["weight"] = np.ones((batch_size,), dtype=np.float32)
+    return batch
+
+
+
 # ---------------------------------------------------------------------------------------
 # Batching
 # ---------------------------------------------------------------------------------------
