@@ -6,39 +6,42 @@ training, sweep and LM benchmarks at their paper shapes, in one run of at most 8
 
 Writes one markdown table (stdout and --out_dir/accelerator_check.md) and one JSON of the figures
 (--out_dir/accelerator_check.json): device kind, backend, jax version, load average, and per section its
-status, wall time, rows and numeric `figures`. Sections, in order (`--sections` picks some):
+status, wall time, rows and numeric `figures`. Sections, in the order they run (`--sections` picks some):
 
   kernels        the Pallas kernels (`gated_conv`, `long_conv`, `short_conv`), called directly, against their
                  plain-jnp references: the value and the gradients with respect to every input, float32
                  and bfloat16 (tolerances: max |error| <= rtol · max |reference|, rtol 1e-4 / 2e-2 for the
                  value and 10× that for gradients, as tests/test_kernels_*.py). Compiled (interpret=False)
-                 on an accelerator, interpreted on CPU. A shape a backend's kernel does not take (short_conv
-                 on GPU; the GPU kernels when jax has no Triton backend, see `zoo_jax/ops/_dispatch.py`) is
-                 an `unsupported` row, not a failure. Each row gives the compile time and the median time
-                 of the compiled fwd+bwd call.
-  bench_kernels  experiments/bench_kernels.py's `measure` at FlashFFTConv's shapes (batch 64, 768 channels,
-                 L 1K–16K, bfloat16; gated_conv first, then long_conv, short_conv), every path.
-  train          experiments/bench_train.py's `bench_one` at Figure-2 shapes (Zoology's batch sizes, 2 layers,
-                 vocabulary 8192), the zoo_jax step only; the PyTorch port of Zoology's step runs on CPU
-                 only, so it is compared only when the backend is CPU and torch imports.
-  sweep          experiments/bench_sweep.py's `measure`: a group of 4 learning rates × 2 seeds vmapped as one
-                 population against the same runs one after another.
+                 on an accelerator, interpreted on CPU; short sequences first. A shape a backend's kernel
+                 does not take (short_conv on GPU; the GPU kernels when jax has no Triton backend, see
+                 `zoo_jax/ops/_dispatch.py`) is an `unsupported` row, not a failure. Each row gives the
+                 compile time and the median time of the compiled fwd+bwd call.
   lm_mfu         experiments/bench_lm.py's step for attention_125m at L 1,024 in bfloat16, at the largest
                  batch that fits: two compiled steps (batch 8 and 16) give the step's new bytes
                  (outputs − aliased + temporaries, `compiled.memory_analysis()`) as a line in the batch, the
                  largest multiple of 8 under 90% of the device's free memory is compiled and checked, then
                  timed. MFU = model FLOP/s (bench_lm's 6N + 12·layers·d·L per token) ÷ the device's dense
                  bf16 peak from `PEAK_BF16_TFLOPS` by device kind (blank when unknown, e.g. CPU).
+  train          experiments/bench_train.py's `bench_one` at Figure-2 shapes (Zoology's batch sizes, 2 layers,
+                 vocabulary 8192), the zoo_jax step only; the PyTorch port of Zoology's step runs on CPU
+                 only, so it is compared only when the backend is CPU and torch imports.
+  sweep          experiments/bench_sweep.py's `measure`: a group of 4 learning rates × 2 seeds vmapped as one
+                 population against the same runs one after another.
+  bench_kernels  experiments/bench_kernels.py's `measure` at FlashFFTConv's shapes (batch 64, 768 channels,
+                 L 1K–16K, bfloat16): the xla and monarch paths of every op, then pallas (last: its long-L
+                 compiles are the likeliest to take minutes). ×xla is a path's time ÷ xla's in this run.
 
 Time guards. The whole run has --budget_s (default 480 s = 8 minutes). Each section gets a share of the
 time left when it starts (`SHARES`) and checks its deadline between units (a kernel case, a benchmark
-row): units it does not reach are `skipped (time guard)` rows. A watchdog thread ends the process at the
-budget whatever is running (a compile cannot be interrupted): it writes the table and the JSON with the
-running section marked `timed out` and exits 1. `tiny` shrinks every shape (CPU, CI).
+row): units it does not reach are `skipped (time guard)` rows. Each unit runs in a worker thread; one still
+running `Guard.grace` after its section's deadline is a `timed out` row, left running in the background
+(a compile cannot be interrupted), and its section's other units are skipped. A watchdog thread ends the
+process at the budget whatever is running: it writes the table and the JSON with the running section
+marked `timed out` and exits 1. `tiny` shrinks every shape (CPU, CI).
 
 Exit status 0 when every kernel check passed and every section ran without an error or a timeout; 1
-otherwise (benchmark rows skipped by a section's time guard do not fail the run; kernel checks skipped and
-sections left no time do).
+otherwise (benchmark rows skipped by a section's time guard do not fail the run; kernel checks skipped,
+units timed out and sections left no time do).
 """
 
 import functools
@@ -64,9 +67,12 @@ from zoo_jax.configs import lm as lm_configs
 from zoo_jax.ops import _dispatch, _fftconv, gated_conv, long_conv, short_conv
 
 _EXPERIMENTS = os.path.dirname(os.path.abspath(__file__))
-SECTIONS = ("kernels", "bench_kernels", "train", "sweep", "lm_mfu")
-SHARES = {"kernels": 0.15, "bench_kernels": 0.25, "train": 0.2, "sweep": 0.15, "lm_mfu": 0.25}
+# The order they run in: the kernel checks, then the LM MFU, and the Pallas benchmarks last (their long-L
+# compiles are the likeliest to take minutes).
+SECTIONS = ("kernels", "lm_mfu", "train", "sweep", "bench_kernels")
+SHARES = {"kernels": 0.15, "lm_mfu": 0.25, "train": 0.2, "sweep": 0.15, "bench_kernels": 0.25}
 MIN_SECTION_S = 5.0  # a section with less time than this left is skipped whole
+UNIT_GRACE_S = 20.0  # at least this long past its section's deadline before a unit is `timed out`
 WRITE_RESERVE = (0.05, 10.0)  # kept back from the sections for writing the outputs: 5% of the budget, <= 10 s
 
 # Dense bfloat16 peak TFLOP/s by device kind (lower-case substring of `device_kind`, first match wins):
@@ -226,31 +232,58 @@ def format_table(doc: dict) -> str:
 
 
 class Guard:
-  """A section's deadline (time.monotonic seconds)."""
+  """A section's deadline, and how long one unit may run past it (max(UNIT_GRACE_S, half the section's
+  budget)) before it is reported `timed out` and left running in the background."""
 
-  def __init__(self, deadline: float):
-    self.deadline = deadline
+  def __init__(self, budget_s: float):
+    self.deadline = time.monotonic() + budget_s
+    self.grace = max(UNIT_GRACE_S, 0.5 * budget_s)
 
   def expired(self) -> bool:
     return time.monotonic() >= self.deadline
 
+  def unit_timeout(self) -> float:
+    return max(self.deadline - time.monotonic(), 0.0) + self.grace
 
-def _timed_row(section: dict, check: str, fn) -> dict:
-  """Runs fn() -> (status, text, figures) and appends the row; an exception is an `error` row."""
+
+STUCK: list[str] = []  # units left running in a background thread (a compile cannot be interrupted)
+
+
+def _timed_row(section: dict, check: str, fn, guard: Guard) -> dict:
+  """Runs fn() -> (status, text, figures) in a worker thread and appends the row: an exception is an
+  `error` row, a unit still running after `guard.unit_timeout()` a `timed out` row (left running)."""
+  result = {}
+
+  def work():
+    try:
+      result["value"] = fn()
+    except Exception as e:  # pylint: disable=broad-except  (any failure is a row, never the end of the run)
+      result["value"] = "error", f"{type(e).__name__}: {' '.join(str(e).split())[:300]}", {}
+
   t0 = time.perf_counter()
-  try:
-    status, text, figures = fn()
-  except Exception as e:  # pylint: disable=broad-except  (any failure is a row, never the end of the run)
-    status, text, figures = "error", f"{type(e).__name__}: {' '.join(str(e).split())[:300]}", {}
+  worker = threading.Thread(target=work, name=check, daemon=True)
+  worker.start()
+  worker.join(guard.unit_timeout())
+  if worker.is_alive():
+    STUCK.append(check)
+    result["value"] = ("timed out", f"still running after {time.perf_counter() - t0:.0f} s (its section's deadline "
+                       f"+ {guard.grace:.0f} s); left running in the background", {})
+  status, text, figures = result["value"]
   row = dict(check=check, status=status, text=text, seconds=round(time.perf_counter() - t0, 2), **figures)
   section["rows"].append(row)
   print(f"  {check}: {status} {text} [{row['seconds']:.1f}s]", flush=True)
   return row
 
 
-def _skip_rest(section: dict, checks: list[str]) -> None:
-  for check in checks:
-    section["rows"].append(dict(check=check, status="skipped (time guard)", text="", seconds=0.0))
+def _run_units(section: dict, guard: Guard, units: list[tuple[str, object]]) -> None:
+  """Each (check, fn) as a row, until the section's deadline (the rest are `skipped (time guard)` rows) or
+  a unit that times out (the device may be busy with it: the rest are skipped too)."""
+  for i, (check, fn) in enumerate(units):
+    if guard.expired() or (section["rows"] and section["rows"][-1]["status"] == "timed out"):
+      for rest, _ in units[i:]:
+        section["rows"].append(dict(check=rest, status="skipped (time guard)", text="", seconds=0.0))
+      return
+    _timed_row(section, check, fn, guard)
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -340,14 +373,11 @@ def section_kernels(section: dict, guard: Guard, size: str) -> None:
   cfg = KERNEL_CASES[size]
   mode = "interpreted (CPU)" if _dispatch.interpret() else "compiled"
   section["note"] = f"Pallas {mode} vs the plain-jnp reference, batch {cfg['batch']}, {cfg['channels']} channels"
-  cases = [(op, length, dtype) for op, lengths in cfg["lengths"].items() for length in lengths
-           for dtype in cfg["dtypes"]]
-  names = [f"{op} pallas {dtype} L={length}" for op, length, dtype in cases]
-  for i, (op, length, dtype) in enumerate(cases):
-    if guard.expired():
-      _skip_rest(section, names[i:])
-      break
-    _timed_row(section, names[i], functools.partial(kernel_case, op, cfg["batch"], length, cfg["channels"], dtype))
+  cases = sorted(((length, op, dtype) for op, lengths in cfg["lengths"].items() for length in lengths
+                  for dtype in cfg["dtypes"]), key=lambda c: c[0])  # short sequences (quick compiles) first
+  _run_units(section, guard, [(f"{op} pallas {dtype} L={length}",
+                               functools.partial(kernel_case, op, cfg["batch"], length, cfg["channels"], dtype))
+                              for length, op, dtype in cases])
   rows = section["rows"]
   ran = [r for r in rows if "error_of_tolerance" in r]
   section["figures"] = dict(
@@ -367,9 +397,10 @@ def section_bench_kernels(section: dict, guard: Guard, size: str) -> None:
   paths = [p for p in cfg["paths"] if p != "pallas" or jax.default_backend() != "cpu"]
   section["note"] = (f"bench_kernels.measure: batch {cfg['batch']}, {cfg['channels']} channels, bfloat16 u and "
                      f"gates, median of {cfg['repeats']} calls; ×xla = path time ÷ xla time in this run")
-  units = [(op, length, path) for op in ("gated_conv", "long_conv", "short_conv") for length in cfg["lengths"]
-           for path in paths if bench.op_fn(op, path) is not None]
-  names = [f"{op} {path} L={length}" for op, length, path in units]
+  ops = ("gated_conv", "long_conv", "short_conv")
+  # The XLA paths of every op first, then Pallas (its long-L compiles are the likeliest to take minutes).
+  units = [(op, length, path) for stage in ("xla", "pallas") for op in ops for length in cfg["lengths"]
+           for path in paths if (path == "pallas") == (stage == "pallas") and bench.op_fn(op, path) is not None]
   base, cached = {}, {}
 
   def one(op, length, path):
@@ -391,12 +422,9 @@ def section_bench_kernels(section: dict, guard: Guard, size: str) -> None:
     return "ok", text, dict(fwd_ms=r["fwd"], fwd_bwd_ms=r["fwd_bwd"], fwd_x_xla=rel["fwd"],
                             fwd_bwd_x_xla=rel["fwd_bwd"], peak_mib=r["peak"], pallas_supported=supported)
 
-  for i, unit in enumerate(units):
-    if guard.expired():
-      _skip_rest(section, names[i:])
-      break
-    _timed_row(section, names[i], functools.partial(one, *unit))
-  section["figures"] = {f"{n}.{k}": r[k] for n, r in zip(names, section["rows"]) for k in ("fwd_ms", "fwd_bwd_ms")
+  _run_units(section, guard, [(f"{op} {path} L={length}", functools.partial(one, op, length, path))
+                              for op, length, path in units])
+  section["figures"] = {f"{r['check']}.{k}": r[k] for r in section["rows"] for k in ("fwd_ms", "fwd_bwd_ms")
                         if k in r}
 
 
@@ -413,8 +441,6 @@ def section_train(section: dict, guard: Guard, size: str) -> None:
   section["note"] = (f"bench_train.bench_one, zoo_jax step; Zoology batch sizes / {cfg['batch_scale']}; "
                      f"median of {cfg['steps']} steps after {cfg['warmup']}; {torch_note}")
   mesh = sharding.make_mesh()
-  units = [(m, d, l) for l in cfg["seq_lens"] for d in cfg["d_models"] for m in cfg["mixers"]]
-  names = [f"{m} d={d} L={l}" for m, d, l in units]
 
   def one(mixer, d_model, seq_len):
     r = bench.bench_one(mixer, d_model, seq_len, mesh, torch_ref, batch_scale=cfg["batch_scale"],
@@ -428,21 +454,16 @@ def section_train(section: dict, guard: Guard, size: str) -> None:
       figures.update(torch_step_ms=r["torch_ms"], x_torch=r["zoo_jax_tok_s"] / r["torch_tok_s"])
     return "ok", text, figures
 
-  for i, unit in enumerate(units):
-    if guard.expired():
-      _skip_rest(section, names[i:])
-      break
-    _timed_row(section, names[i], functools.partial(one, *unit))
-    gc.collect()
-  section["figures"] = {f"{n}.{k}": r[k] for n, r in zip(names, section["rows"])
-                        for k in ("tokens_per_s", "step_ms") if k in r}
+  _run_units(section, guard, [(f"{m} d={d} L={l}", functools.partial(one, m, d, l))
+                              for l in cfg["seq_lens"] for d in cfg["d_models"] for m in cfg["mixers"]])
+  section["figures"] = {f"{r['check']}.{k}": r[k] for r in section["rows"] for k in ("tokens_per_s", "step_ms")
+                        if k in r}
 
 
 # ---------------------------------------------------------------------------------------------- sweep
 
 
 def section_sweep(section: dict, guard: Guard, size: str) -> None:
-  del guard  # one unit: the watchdog is its guard
   bench = _load("bench_sweep")
   cfg = SWEEP[size]
   n = len(cfg["learning_rates"]) * len(cfg["seeds"])
@@ -458,7 +479,8 @@ def section_sweep(section: dict, guard: Guard, size: str) -> None:
     return "ok", text, dict(runs=r["runs"], steps=r["steps"], sequential_s=r["sequential_s"],
                             vmapped_s=r["vmapped_s"], speedup=speedup)
 
-  row = _timed_row(section, check, one)
+  _run_units(section, guard, [(check, one)])
+  row = section["rows"][0]
   section["figures"] = {k: row[k] for k in ("runs", "steps", "sequential_s", "vmapped_s", "speedup") if k in row}
 
 
@@ -500,7 +522,6 @@ def _new_bytes(compiled) -> float:
 
 
 def section_lm(section: dict, guard: Guard, size: str) -> None:
-  del guard  # compiles, then a few steps: the watchdog is its guard
   bench = _load("bench_lm")
   cfg = LM[size]
   check = f"{cfg['preset']} L={cfg['seq_len']} {cfg['dtype']}"
@@ -543,7 +564,8 @@ def section_lm(section: dict, guard: Guard, size: str) -> None:
                             free_gib=None if free is None else free / 2**30, peak_tflops=peak, mfu_percent=mfu,
                             **r)
 
-  row = _timed_row(section, check, one)
+  _run_units(section, guard, [(check, one)])
+  row = section["rows"][0]
   section["figures"] = {k: row[k] for k in ("batch", "seq_len", "n_params", "ms_per_step", "tokens_per_s",
                                             "achieved_tflops", "peak_tflops", "mfu_percent") if k in row}
 
@@ -606,10 +628,12 @@ def main(argv):
       continue
     print(f"## {name} (budget {budget:.0f} s)", flush=True)
     try:
-      RUNNERS[name](section, Guard(time.monotonic() + budget), size)
+      RUNNERS[name](section, Guard(budget), size)
       statuses = {r["status"] for r in section["rows"]}
       status = "ok"
-      if name == "kernels" and statuses - {"pass", "unsupported"}:
+      if "timed out" in statuses:
+        status = "timed out"
+      elif name == "kernels" and statuses - {"pass", "unsupported"}:
         status = "failed"
       elif "error" in statuses:
         status = "error"
@@ -622,7 +646,12 @@ def main(argv):
     gc.collect()
     jax.clear_caches()
   timer.cancel()
-  return _finish(report)
+  code = _finish(report)
+  if STUCK:  # a daemon thread inside a compile: do not wait for it, nor let interpreter shutdown meet it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access
+  return code
 
 
 if __name__ == "__main__":

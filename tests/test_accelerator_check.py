@@ -11,6 +11,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import numpy as np
@@ -63,6 +65,35 @@ def test_largest_batch_fits_the_line_through_two_compiled_sizes():
   assert check.largest_batch(points, 100 * gib, multiple=1, max_batch=1024) == 88
   assert check.largest_batch(points, 100 * gib, multiple=8, max_batch=60) == 56
   assert check.largest_batch(points, 1 * gib, multiple=8, max_batch=1024) == 8  # never below one multiple
+
+
+def test_a_unit_past_its_grace_is_timed_out_and_the_rest_of_its_section_skipped(monkeypatch):
+  monkeypatch.setattr(check, "UNIT_GRACE_S", 0.3)
+  monkeypatch.setattr(check, "STUCK", [])
+  section = dict(rows=[])
+  release = threading.Event()
+
+  def boom():
+    raise RuntimeError("lowering\nfailed")
+
+  units = [("fine", lambda: ("ok", "done", dict(x=1.0))), ("broken", boom),
+           ("hangs", lambda: release.wait(30) and ("ok", "", {})), ("after", lambda: ("ok", "", {}))]
+  t0 = time.monotonic()
+  check._run_units(section, check.Guard(0.2), units)  # pylint: disable=protected-access
+  release.set()
+  assert time.monotonic() - t0 < 10
+  assert [(r["check"], r["status"]) for r in section["rows"]] == [
+      ("fine", "ok"), ("broken", "error"), ("hangs", "timed out"), ("after", "skipped (time guard)")]
+  assert section["rows"][0]["x"] == 1.0 and section["rows"][1]["text"] == "RuntimeError: lowering failed"
+  assert check.STUCK == ["hangs"]
+
+
+def test_a_section_past_its_deadline_runs_no_more_units():
+  section = dict(rows=[])
+  guard = check.Guard(0.0)
+  guard.deadline = time.monotonic() - 1
+  check._run_units(section, guard, [("a", lambda: ("ok", "", {}))])  # pylint: disable=protected-access
+  assert [r["status"] for r in section["rows"]] == ["skipped (time guard)"]
 
 
 @pytest.mark.parametrize("kind,peak", [("NVIDIA H200", 989.0), ("NVIDIA H100 80GB HBM3", 989.0),
