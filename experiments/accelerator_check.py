@@ -91,7 +91,7 @@ KERNEL_CASES = {
 }
 RTOL = {"float32": 1e-4, "bfloat16": 2e-2}  # value; gradients 10×
 BENCH_KERNELS = {
-    "tiny": dict(batch=2, channels=16, lengths=[64], paths=["xla", "monarch"], repeats=2),
+    "tiny": dict(batch=2, channels=16, lengths=[64], paths=["xla", "monarch"], repeats=5),
     "full": dict(batch=64, channels=768, lengths=[1024, 4096, 8192, 16384], paths=["xla", "monarch", "pallas"],
                  repeats=5),
 }
