@@ -2,7 +2,7 @@ r"""One prepared accelerator check: the compiled Pallas kernels against their re
 training, sweep and LM benchmarks at their paper shapes, in one run of at most 8 minutes.
 
     python experiments/accelerator_check.py                                  # a GPU / TPU: --size=full
-    python experiments/accelerator_check.py --size=tiny --out_dir=/tmp/acc   # CPU / CI: seconds of work
+    python experiments/accelerator_check.py --size=tiny --out_dir=/tmp/acc   # CPU / CI: ~1 min of CPU time
 
 Writes one markdown table (stdout and --out_dir/accelerator_check.md) and one JSON of the figures
 (--out_dir/accelerator_check.json): device kind, backend, jax version, load average, and per section its
