@@ -15,6 +15,14 @@ Differences from Zoology's PyTorch `MHA`: no attention dropout (Zoology's `MHA` 
 which its MQAR attention configs set; zoo_jax trains without dropout everywhere); the softmax is
 `jax.nn.dot_product_attention`, which XLA fuses, and on GPU can use cuDNN.
 
+`implementation` (zoo_jax's, default None) picks how the causal softmax is computed (`ops.attention`):
+'xla' (`jax.nn.dot_product_attention`'s XLA path: l×l float32 logits, the masked half computed too),
+'cudnn' (its cuDNN flash kernel: GPU only, bf16 / fp16), 'blockwise' (FlashAttention-2 in plain JAX on
+every backend: key blocks with an online float32 softmax, blocks above the diagonal skipped, a
+recomputing backward, never an l×l array). None is the fastest measured for the backend: blockwise on
+CPU (experiments/bench_attention.py); on GPU, unmeasured, cuDNN for bf16 / fp16 and blockwise otherwise.
+The float32 cache paths (prefill from a state, `step`) mask the cache with the XLA path.
+
 State: the KV cache, 2·d·L elements per example per layer: keys (rotated when `rotary`) and values of
 the positions seen so far at cache slots 0 .. t − 1, and the per-example position t. Given a state, the
 parallel form continues from it (prefill → decode): the keys and values of its l positions go into cache
@@ -31,6 +39,23 @@ import jax.numpy as jnp
 
 from zoo_jax import layers
 from zoo_jax.mixers import registry
+from zoo_jax.ops import attention as attention_ops
+
+IMPLEMENTATIONS = ("xla", "cudnn", "blockwise")  # the mixers' `implementation` values besides None
+
+
+def validate_implementation(field: str, implementation: str | None) -> None:
+  if implementation is not None and implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"{field}.implementation must be one of None, {', '.join(map(repr, IMPLEMENTATIONS))}; "
+                     f"got {implementation!r}")
+
+
+def check_implementation(implementation: str | None, dtype: Any) -> None:
+  """At construction, before any compute: 'cudnn' needs a GPU and bf16 / fp16 activations."""
+  attention_ops.resolve(implementation, dtype, field="model.mixer.implementation")
+  if implementation == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"model.mixer.implementation='cudnn' takes bf16 / fp16 activations, got "
+                     f"{jnp.dtype(dtype).name}: use 'blockwise' or 'xla'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +63,10 @@ class AttentionConfig:
   num_heads: int = 1
   rotary: bool = False  # rotary position embedding on q and k (the paper's Pile runs)
   rotary_base: float = 10000.0
+  implementation: str | None = None  # None | 'xla' | 'cudnn' | 'blockwise' (module docstring)
 
   def validate(self, field: str) -> None:
+    validate_implementation(field, self.implementation)
     if self.num_heads < 1:
       raise ValueError(f"{field}.num_heads must be >= 1, got {self.num_heads}")
     if self.rotary_base <= 1.0:
@@ -72,6 +99,9 @@ class Attention(nnx.Module):
     if rotary and (d_model // cfg.num_heads) % 2:
       raise ValueError(f"model.mixer.rotary needs an even head dimension, got d_model/num_heads = "
                        f"{d_model // cfg.num_heads}")
+    # sparse_attention subclasses Attention with a config that has no `implementation`: the default.
+    self.implementation = getattr(cfg, "implementation", None)
+    check_implementation(self.implementation, dtype)
     self.num_heads = cfg.num_heads
     self.rotary = rotary
     self.rotary_base = rotary_base
@@ -99,7 +129,8 @@ class Attention(nnx.Module):
       positions_bl = jnp.broadcast_to(jnp.arange(l), (b, l))
       q_blhk = apply_rotary(q_blhk, positions_bl, self.rotary_base)
       k_blhk = apply_rotary(k_blhk, positions_bl, self.rotary_base)
-    y_blhk = jax.nn.dot_product_attention(q_blhk, k_blhk, v_blhk, is_causal=True)
+    y_blhk = attention_ops.causal_attention(q_blhk, k_blhk, v_blhk,
+                                            implementation=self.implementation_for(q_blhk.dtype))
     y_bld = self.out_proj(y_blhk.reshape(b, l, d))
     if not return_state:
       return y_bld
@@ -107,6 +138,13 @@ class Attention(nnx.Module):
     cache = self.init_state(b)
     write = lambda cache_bshk, new_blhk: cache_bshk.at[:, :l].set(new_blhk.astype(cache_bshk.dtype))
     return y_bld, dict(k=write(cache["k"], k_blhk), v=write(cache["v"], v_blhk), t=cache["t"] + l)
+
+  def implementation_for(self, dtype: Any) -> str | None:
+    """`implementation` for activations of `dtype`: cuDNN takes no float32, so the float32 paths (the local
+    attentions' cache path) run 'blockwise' in its place."""
+    if self.implementation == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+      return "blockwise"
+    return self.implementation
 
   def init_state(self, batch_size: int) -> dict[str, jax.Array]:
     """The KV cache for L positions, (b, L, h, d/h) each, and the position."""

@@ -12,7 +12,10 @@ that also look one bucket back). b = 64 matches `sliding_window`'s default windo
 attention.
 
 Computed block by block (the sequence padded at the end to a multiple of b, padding discarded), so the
-parallel form costs O(L·b·d), not O(L²·d).
+parallel form costs O(L·b·d), not O(L²·d). `implementation` (default None) as `attention`'s
+(`ops.attention`) computes the causal attention inside each block: 'xla' its b×b masked logits,
+'blockwise' FlashAttention-2 by key blocks (blocks above the diagonal skipped: it matters for b > 128),
+'cudnn' cuDNN's kernel (GPU, bf16 / fp16).
 
 State: the keys and values of the current block, reset (overwritten, masked) at block boundaries:
 2·d·min(b, L) elements per example. After t tokens, slot s holds the latest token p < t with p ≡ s (mod b):
@@ -28,14 +31,18 @@ import jax.numpy as jnp
 
 from zoo_jax.mixers import registry
 from zoo_jax.mixers._local_attention import LocalAttention, validate_at_least_one
+from zoo_jax.mixers.attention import validate_implementation
+from zoo_jax.ops import attention as attention_ops
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockedConfig:
   num_heads: int = 1
   block_size: int = 64
+  implementation: str | None = None  # None | 'xla' | 'cudnn' | 'blockwise' (module docstring)
 
   def validate(self, field: str) -> None:
+    validate_implementation(field, self.implementation)
     validate_at_least_one(field, num_heads=self.num_heads, block_size=self.block_size)
 
   def check_shapes(self, field: str, *, d_model: int, seq_len: int, layer_idx: int) -> None:
@@ -63,7 +70,8 @@ class BlockedAttention(LocalAttention):
     # Padding goes after the last real token, so causal masking keeps it away from every real query.
     pad = ((0, 0), (0, n_blocks * block - l), (0, 0), (0, 0))
     to_blocks = lambda a_blhk: jnp.pad(a_blhk, pad).reshape(b * n_blocks, block, h, k)
-    y_blhk = jax.nn.dot_product_attention(*map(to_blocks, (q_blhk, k_blhk, v_blhk)), is_causal=True)
+    y_blhk = attention_ops.causal_attention(*map(to_blocks, (q_blhk, k_blhk, v_blhk)),
+                                            implementation=self.implementation_for(q_blhk.dtype))
     return y_blhk.reshape(b, n_blocks * block, h, k)[:, :l]
 
   def context_slots(self, t_b: jax.Array) -> jax.Array:

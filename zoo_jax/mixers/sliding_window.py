@@ -11,9 +11,14 @@ Hyperparameters: `num_heads` = 1 (Zoology's `SlidingAttn` is single-head); `wind
 configs, use w ∈ {8, 16, ..., 1024} at d_model 128, paired with a short BaseConv in a `Hybrid`). A window
 w >= L − 1 is full causal attention.
 
-Differences from Zoology's PyTorch `SlidingAttn`: masked keys get −inf (through
-`jax.nn.dot_product_attention`'s `local_window_size`) rather than an additive −10000, so they get exactly
-zero weight; `num_heads` may be > 1; no attention dropout (Zoology's configs set it to 0).
+`implementation` (default None) as `attention`'s (`ops.attention`): 'xla' masks the l×l logits
+(`jax.nn.dot_product_attention`'s `local_window_size`: O(L²) however small w); 'blockwise' computes only
+the key blocks within reach of each query block, a band of ⌈w/c⌉ + 1 blocks of c tokens, O(L·w); 'cudnn'
+is cuDNN's sliding-window kernel (GPU, bf16 / fp16). None: blockwise on CPU and on GPU for float32,
+cuDNN on GPU for bf16 / fp16 (unmeasured on GPU).
+
+Differences from Zoology's PyTorch `SlidingAttn`: masked keys get −inf rather than an additive −10000, so
+they get exactly zero weight; `num_heads` may be > 1; no attention dropout (Zoology's configs set it to 0).
 
 State: a shift register of the last min(w + 1, L) keys and values, 2·d·min(w + 1, L) elements per example:
 after t tokens its n = min(w + 1, L) slots hold tokens max(t, n) − n .. t − 1 in order (zeros past them
@@ -28,14 +33,18 @@ import jax.numpy as jnp
 
 from zoo_jax.mixers import registry
 from zoo_jax.mixers._local_attention import LocalAttention, validate_at_least_one
+from zoo_jax.mixers.attention import validate_implementation
+from zoo_jax.ops import attention as attention_ops
 
 
 @dataclasses.dataclass(frozen=True)
 class SlidingWindowConfig:
   num_heads: int = 1
   window_size: int = 64
+  implementation: str | None = None  # None | 'xla' | 'cudnn' | 'blockwise' (module docstring)
 
   def validate(self, field: str) -> None:
+    validate_implementation(field, self.implementation)
     validate_at_least_one(field, num_heads=self.num_heads, window_size=self.window_size)
 
   def check_shapes(self, field: str, *, d_model: int, seq_len: int, layer_idx: int) -> None:
@@ -57,8 +66,8 @@ class SlidingWindowAttention(LocalAttention):
     return 2 * d_model * SlidingWindowAttention.cache_len(cfg, seq_len)
 
   def attend(self, q_blhk: jax.Array, k_blhk: jax.Array, v_blhk: jax.Array) -> jax.Array:
-    return jax.nn.dot_product_attention(q_blhk, k_blhk, v_blhk, is_causal=True,
-                                        local_window_size=(self.hparams.window_size, 0))
+    return attention_ops.causal_attention(q_blhk, k_blhk, v_blhk, window=self.hparams.window_size,
+                                          implementation=self.implementation_for(q_blhk.dtype))
 
   def context_slots(self, t_b: jax.Array) -> jax.Array:
     return jnp.minimum(t_b, self.seq_len)  # every cached token is in the next token's window
