@@ -249,6 +249,9 @@ BAD_MODEL_OPTIONS = [  # (options, the key its one-line error must name)
     (dict(mixer={"name": "no_such_mixer"}), "model.mixer.name"),
     (dict(mixer={"name": "attention", "heads": 2}), "model.mixer.heads"),
     (dict(learned_positions="yes"), "model.learned_positions"),
+    (dict(remat="all"), "model.remat"),
+    (dict(scan_layers=1), "model.scan_layers"),
+    (dict(loss_chunk=-1), "model.loss_chunk"),
     (dict(mixer={"name": "base_conv", "kernel_size": [3]}), "model.mixer.kernel_size"),  # 1 entry, 2 layers
 ]
 

@@ -59,7 +59,7 @@ def defaults() -> ml_collections.ConfigDict:
   )
   c.model = dict(
       d_model=64, n_layers=2, mixer=dict(name="attention"), state_mixer="none", state_mixer_hidden_mult=4,
-      block="zoology", learned_positions=False, dtype="float32")
+      block="zoology", learned_positions=False, dtype="float32", remat="none", scan_layers=False, loss_chunk=0)
   c.train = dict(
       epochs=64,
       batch_size=512,
@@ -95,7 +95,8 @@ def lm_defaults() -> ml_collections.ConfigDict:
   )
   c.model = dict(
       d_model=128, n_layers=2, mixer=dict(name="attention", num_heads=2, rotary=True), state_mixer="glu",
-      state_mixer_hidden_mult=2, block="prenorm", learned_positions=False, dtype="float32")
+      state_mixer_hidden_mult=2, block="prenorm", learned_positions=False, dtype="float32", remat="none",
+      scan_layers=False, loss_chunk=0)  # memory options (remat, scan, chunked loss): `zoo_jax.model`
   c.train = dict(
       steps=300,
       batch_size=16,
@@ -174,6 +175,9 @@ class Model(_Strict):
   block: Literal[model_lib.BLOCKS]
   learned_positions: bool
   dtype: Literal[tuple(model_lib.DTYPES)]
+  remat: Literal[tuple(model_lib.REMAT)] = "none"
+  scan_layers: bool = False
+  loss_chunk: NonNegative = 0  # positions per chunk of the LM loss; 0: unchunked
 
 
 class Train(_Strict):

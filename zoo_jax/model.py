@@ -40,6 +40,23 @@ own state (the mixers' state-passing contract, `zoo_jax.mixers.registry`). Atten
 `seq_len` positions, so t + l must stay within `seq_len` (`zoo_jax.generate` checks it). With `state=None`
 and no `return_state` the forward is the training one, unchanged. `zoo_jax.generate.generate` runs a
 prefill then a jitted decode loop.
+
+Memory of the training forward (issue 18). Three options, all off by default (the tiny and MQAR models'
+numbers and parameter trees are unchanged), on in the paper-size LM presets (`zoo_jax/configs/lm.py`):
+  remat         'none' | 'full' | 'save_matmuls': each Block's forward under `jax.checkpoint`; 'full' keeps
+                only the block's input for the backward (recomputes the block), 'save_matmuls' also keeps the
+                outputs of matmuls without batch dimensions (projections, MLP; not attention scores:
+                `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`).
+  scan_layers   the training forward runs the blocks as one `jax.lax.scan` over the layers' parameters,
+                stacked at call time, so the parameter tree, checkpoints and prefill / step (which keep the
+                Python loop) are unchanged. The scanned unit is the shortest period p of the layers (a
+                hybrid or a per-layer kernel size repeats every p layers: p blocks per scan step);
+                layers that never repeat give one step of all of them (the loop). A mixer that sows an
+                auxiliary loss cannot be scanned or rematerialised (one-line error when traced).
+  loss_chunk    positions per chunk of the LM loss's head and log-softmax (`tasks.token_logprobs`), so no
+                (b, l, vocab) float32 array exists in the forward or the backward; 0: the whole row at once.
+Parameters are float32 whatever `dtype` (the compute dtype): modules cast them; LayerNorm statistics,
+attention's softmax and the head's logits and log-softmax are float32.
 """
 
 import dataclasses
@@ -54,6 +71,8 @@ from zoo_jax import layers, mixers
 STATE_MIXERS = ("none", "mlp", "glu")
 BLOCKS = ("zoology", "prenorm", "mamba")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REMAT = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+         "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 LN_EPS = 1e-5  # PyTorch's LayerNorm default, as in Zoology
 
 
@@ -69,6 +88,9 @@ class ModelConfig:
   block: str = "zoology"
   learned_positions: bool = False
   dtype: str = "float32"
+  remat: str = "none"
+  scan_layers: bool = False
+  loss_chunk: int = 0  # positions per chunk of the LM loss; 0: unchunked
 
   @classmethod
   def from_config(cls, model_cfg: Any, *, vocab_size: int, seq_len: int) -> "ModelConfig":
@@ -102,6 +124,12 @@ class ModelConfig:
                        f"no state mixer), got {self.state_mixer!r}")
     if self.dtype not in DTYPES:
       raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+    if self.remat not in REMAT:
+      raise ValueError(f"model.remat must be one of {tuple(REMAT)}, got {self.remat!r}")
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"model.scan_layers must be true or false, got {self.scan_layers!r}")
+    if not isinstance(self.loss_chunk, int) or isinstance(self.loss_chunk, bool) or self.loss_chunk < 0:
+      raise ValueError(f"model.loss_chunk must be an integer >= 0 (0: unchunked), got {self.loss_chunk!r}")
     # Parses the mixer config (one-line errors naming the field) and checks every layer's hparams against
     # the width and length it gets (heads dividing d_model, a kernel_size list shorter than n_layers, ...)
     # at start-up, before anything is built.
@@ -194,10 +222,16 @@ class LanguageModel(nnx.Module):
              return_state: bool = False) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
     """Final-norm hidden states (b, l, d), before the LM head; from `state` and with the state after these
     positions as `__call__` describes."""
-    if state is None and not return_state:  # training: exactly the stateless forward
+    if state is None and not return_state:  # training: the stateless forward
       x_bld = self.embed_tokens(tokens_bl)
-      for block in self.blocks:
-        x_bld = block(x_bld, tokens_bl)
+      if self.cfg.scan_layers:
+        x_bld = self._scanned_blocks(x_bld, tokens_bl)
+      elif self.cfg.remat != "none":
+        for block in self.blocks:
+          x_bld = _remat_block(self.cfg.remat, *nnx.split(block), x_bld, tokens_bl)
+      else:
+        for block in self.blocks:
+          x_bld = block(x_bld, tokens_bl)
       return self.final_norm(x_bld)
     b, l = tokens_bl.shape
     t_b = jnp.zeros((b,), jnp.int32) if state is None else state["t"]
@@ -209,6 +243,31 @@ class LanguageModel(nnx.Module):
       new_states.append(block_state)
     h_bld = self.final_norm(x_bld)
     return (h_bld, dict(blocks=new_states, t=t_b + l)) if return_state else h_bld
+
+  def scan_period(self) -> int:
+    """The shortest p dividing n_layers such that block i + p has block i's structure and parameter shapes
+    (1 for a uniform stack, a hybrid's cycle, 2 for kernels alternating 3 / long); n_layers if none."""
+    n = len(self.blocks)
+    sigs = [(graphdef, jax.tree.map(lambda x: (x.shape, x.dtype), state))
+            for graphdef, state in (nnx.split(block) for block in self.blocks)]
+    same = lambda a, b: a[0] == b[0] and jax.tree.structure(a[1]) == jax.tree.structure(b[1]) and (
+        jax.tree.leaves(a[1]) == jax.tree.leaves(b[1]))
+    return next(p for p in range(1, n + 1) if n % p == 0 and all(same(sigs[i], sigs[i + p]) for i in range(n - p)))
+
+  def _scanned_blocks(self, x_bld: jax.Array, tokens_bl: jax.Array) -> jax.Array:
+    """The blocks as a lax.scan over n_layers / p steps of p blocks, their parameters stacked per position
+    in the period (the same values as the loop; `remat` applies per block inside the step)."""
+    p = self.scan_period()
+    split = [nnx.split(block) for block in self.blocks]
+    graphdefs = [graphdef for graphdef, _ in split[:p]]
+    stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *[state for _, state in split[j::p]]) for j in range(p)]
+
+    def unit(x_bld, states):
+      for graphdef, state in zip(graphdefs, states):
+        x_bld = _remat_block(self.cfg.remat, graphdef, state, x_bld, tokens_bl).astype(x_bld.dtype)
+      return x_bld, None
+
+    return jax.lax.scan(unit, x_bld, stacked)[0]
 
   def head(self, h_bkd: jax.Array) -> jax.Array:
     """Tied LM head; logits in float32 whatever the compute dtype."""
@@ -243,3 +302,21 @@ class LanguageModel(nnx.Module):
     h_bld = self.hidden(tokens_bl)
     h_bkd = jnp.take_along_axis(h_bld, positions_bk[..., None], axis=1)
     return self.head(h_bkd)
+
+
+def _apply_block(graphdef: Any, state: Any, x_bld: jax.Array, tokens_bl: jax.Array) -> jax.Array:
+  """A block's training forward as a function of its state (for jax.checkpoint and lax.scan)."""
+  block = nnx.merge(graphdef, state)
+  y_bld = block(x_bld, tokens_bl)
+  sown = nnx.state(block, nnx.Intermediate)
+  if jax.tree.leaves(sown):
+    raise ValueError("model.remat / model.scan_layers cannot carry a loss a layer sows (e.g. sparse_attention's "
+                     "learned selection); set model.remat='none' and model.scan_layers=false")
+  return y_bld
+
+
+def _remat_block(remat: str, graphdef: Any, state: Any, x_bld: jax.Array, tokens_bl: jax.Array) -> jax.Array:
+  """`_apply_block`, under jax.checkpoint with `REMAT[remat]`'s policy unless remat is 'none'."""
+  if remat == "none":
+    return _apply_block(graphdef, state, x_bld, tokens_bl)
+  return jax.checkpoint(_apply_block, static_argnums=(0,), policy=REMAT[remat])(graphdef, state, x_bld, tokens_bl)

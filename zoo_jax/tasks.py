@@ -213,9 +213,28 @@ class MQARTask:
 
 def token_logprobs(model, tokens_bl: jax.Array) -> jax.Array:
   """log p(x_t | x_<t) for t = 1..l-1, (b, l-1) float32: the training loss is minus their mean, evaluation
-  reports them. Logits are float32 (`LanguageModel.head`)."""
-  logits_blv = model(tokens_bl)[:, :-1]
-  return -optax.softmax_cross_entropy_with_integer_labels(logits_blv.astype(jnp.float32), tokens_bl[:, 1:])
+  reports them. Logits are float32 (`LanguageModel.head`). With `model.cfg.loss_chunk` = c > 0 the head and
+  the log-softmax run c positions at a time (a lax.map of a rematerialised chunk), so neither the forward
+  nor the backward holds the (b, l, vocab) float32 logits; the same numbers up to float32 round-off."""
+  chunk = getattr(getattr(model, "cfg", None), "loss_chunk", 0)
+  if not chunk:
+    logits_blv = model(tokens_bl)[:, :-1]
+    return -optax.softmax_cross_entropy_with_integer_labels(logits_blv.astype(jnp.float32), tokens_bl[:, 1:])
+  h_bld = model.hidden(tokens_bl)[:, :-1]
+  b, l, d = h_bld.shape
+  chunk = min(chunk, l)
+  n = -(-l // chunk)
+  pad = ((0, 0), (0, n * chunk - l))
+  h_nbcd = jnp.pad(h_bld, pad + ((0, 0),)).reshape(b, n, chunk, d).swapaxes(0, 1)
+  targets_nbc = jnp.pad(tokens_bl[:, 1:], pad).reshape(b, n, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint  # the backward recomputes each chunk's logits rather than keeping all of them
+  def chunk_logprobs(h_bcd, targets_bc):
+    logits_bcv = model.head(h_bcd).astype(jnp.float32)
+    return -optax.softmax_cross_entropy_with_integer_labels(logits_bcv, targets_bc)
+
+  logp_nbc = jax.lax.map(lambda args: chunk_logprobs(*args), (h_nbcd, targets_nbc))
+  return logp_nbc.swapaxes(0, 1).reshape(b, n * chunk)[:, :l]
 
 
 def all_rows(x: jax.Array) -> np.ndarray:

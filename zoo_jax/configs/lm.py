@@ -46,11 +46,16 @@ TINY_TRAIN = dict(steps=120, batch_size=8, eval_batch_size=32, eval_every_steps=
                   learning_rate=3e-3, warmup_steps=12, log_every_steps=10, checkpoint_every_steps=60)
 
 
+# The paper-size presets' memory options (`zoo_jax.model`): per-block remat, a scan over the layers, the
+# loss's head and log-softmax in chunks of positions. experiments/bench_memory.py measures them.
+MEMORY = dict(remat="full", scan_layers=True, loss_chunk=256)
+
+
 def _big(d_model: int, n_layers: int, mixer: dict, learning_rate: float) -> dict:
   return dict(
       data=dict(seq_len=1024),
       model=dict(d_model=d_model, n_layers=n_layers, mixer=mixer, state_mixer="mlp", state_mixer_hidden_mult=4,
-                 block="prenorm", learned_positions=False, dtype="bfloat16"),
+                 block="prenorm", learned_positions=False, dtype="bfloat16", **MEMORY),
       train=dict(steps=20_000, batch_size=256, eval_batch_size=64, eval_every_steps=1000, eval_max_rows=4096,
                  learning_rate=learning_rate, warmup_steps=200, weight_decay=0.1, grad_clip_norm=1.0,
                  log_every_steps=50, checkpoint_every_steps=1000))

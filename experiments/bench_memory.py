@@ -1,0 +1,140 @@
+r"""Memory and FLOPs of one LM training step, today's path beside the memory options (benchmark, not a test).
+
+  python experiments/bench_memory.py                                  # every LM preset, L=1,024, bfloat16
+  python experiments/bench_memory.py --presets=attention_125m --batch_size=8 --seq_len=1024
+
+Nothing is allocated: each step is compiled on the CPU from abstract arguments (jax.ShapeDtypeStruct) and
+read from XLA's `memory_analysis()` (temporaries) and `cost_analysis()` (FLOPs). The step is a plain
+value_and_grad + AdamW step over `LanguageModel` with the LM loss of `zoo_jax.tasks.token_logprobs`
+(the loss the trainer minimises), float32 parameters and optimizer state, compute in `--dtype`.
+
+Two paths per preset, compiled in the same run:
+  today   model.remat='none', scan_layers=False, loss_chunk=0 (the (b, l, vocab) float32 logits, every
+          activation kept for the backward, a Python loop over layers)
+  new     the memory options of the paper-size presets (`zoo_jax.configs.lm.MEMORY`)
+Columns: temporaries per example (XLA's temp bytes / batch: an upper bound, it includes batch-independent
+buffers such as bf16 copies of the weights), parameter + gradient + AdamW bytes (float32, 4 copies), FLOPs
+per step (XLA's count, so remat's recompute shows; of the step without loops, see `measure`), and for the paper's global batch of 256 on 8 devices
+with FSDP over the 8 (parameters, gradients and optimizer state sharded / 8): the GiB one device needs at
+256 / 8 = 32 examples (and at 16, two micro-batches) against 80 GB. Attention's today and new rows use
+`jax.nn.dot_product_attention`'s XLA path (L × L float32 scores per head); where the attention mixer has
+a blockwise implementation (`zoo_jax.ops.attention`, FlashAttention-2 in plain JAX), a third row
+'new+bw' is the new path with it.
+"""
+
+import dataclasses
+import os
+import time
+
+from absl import app
+from absl import flags
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import optax
+
+from zoo_jax import tasks
+from zoo_jax.configs import lm as lm_configs
+from zoo_jax.model import LanguageModel, ModelConfig
+
+_PRESETS = flags.DEFINE_list("presets", list(lm_configs.PRESETS), "LM presets of zoo_jax/configs/lm.py.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "Sequence length.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Examples per compiled step.")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype.")
+
+TODAY = dict(remat="none", scan_layers=False, loss_chunk=0)
+GiB = 2**30
+DEVICES, DEVICE_BYTES, PAPER_BATCH = 8, 80e9, 256
+
+
+def attention_implementations() -> tuple[str, ...]:
+  """The attention mixer's `implementation` values (the blockwise one from zoo_jax.ops.attention), if any."""
+  from zoo_jax.mixers import attention  # pylint: disable=g-import-not-at-top
+  return getattr(attention, "IMPLEMENTATIONS", ())
+
+
+def paths(preset: str) -> dict[str, dict]:
+  """today, new, and for attention with a blockwise implementation, new + blockwise: model options each.
+  Attention's implementation is pinned ('xla': today's l × l scores) where the mixer has the option."""
+  attention = lm_configs.PRESETS[preset]["model"]["mixer"]["name"] == "attention"
+  if not (attention and "blockwise" in attention_implementations()):
+    return dict(today=TODAY, new=lm_configs.MEMORY)
+  xla, blockwise = dict(implementation="xla"), dict(implementation="blockwise")
+  return dict(today=dict(TODAY, mixer=xla), new=dict(lm_configs.MEMORY, mixer=xla),
+              **{"new+bw": dict(lm_configs.MEMORY, mixer=blockwise)})
+
+
+def model_config(preset: str, options: dict, seq_len: int, dtype: str) -> ModelConfig:
+  model = lm_configs.get_config(preset).model.to_dict()
+  options = dict(options)
+  model["mixer"] = dict(model["mixer"], **options.pop("mixer", {}))
+  model.update(options, dtype=dtype)
+  return ModelConfig.from_config(model, vocab_size=50_304, seq_len=seq_len)
+
+
+def compiled_step(cfg: ModelConfig, batch: int):
+  """The compiled train step of `cfg` on abstract arguments, and the parameter + optimizer bytes."""
+  abstract = nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(abstract, nnx.Param)
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(6e-4, weight_decay=0.1))
+  opt = jax.eval_shape(tx.init, params)
+
+  def loss_fn(p, tokens_bl):
+    return -jnp.mean(tasks.token_logprobs(nnx.merge(graphdef, p), tokens_bl))
+
+  def step(p, o, tokens_bl):
+    loss, grads = jax.value_and_grad(loss_fn)(p, tokens_bl)
+    updates, o = tx.update(grads, o, p)
+    return optax.apply_updates(p, updates), o, loss
+
+  tokens = jax.ShapeDtypeStruct((batch, cfg.seq_len), jnp.int32)
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt, tokens).compile()
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  return compiled, n_params
+
+
+def flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+
+def measure(cfg: ModelConfig, batch: int) -> dict:
+  """Temporaries of `cfg`'s step; FLOPs of the same step without loops (XLA counts a while loop's body
+  once): the blocks unscanned and the loss in one chunk of the whole row, the same remat (the same
+  arithmetic: a scan or chunks reorder it, and only the padding of l - 1 to the chunk size adds any)."""
+  t0 = time.perf_counter()
+  compiled, n_params = compiled_step(cfg, batch)
+  r = dict(temp=compiled.memory_analysis().temp_size_in_bytes / batch, state=4 * 4 * n_params, params=n_params)
+  unlooped = dataclasses.replace(cfg, scan_layers=False, loss_chunk=cfg.seq_len if cfg.loss_chunk else 0)
+  r["flops"] = flops(compiled if unlooped == cfg else compiled_step(unlooped, batch)[0])
+  return dict(r, compile_s=time.perf_counter() - t0)
+
+
+def per_device(r: dict, examples: int) -> float:
+  return r["state"] / DEVICES + examples * r["temp"]
+
+
+def main(argv):
+  del argv
+  new = lm_configs.MEMORY
+  print(f"one train step, L={_SEQ_LEN.value}, {_DTYPE.value} compute, float32 parameters + AdamW, "
+        f"compiled on {jax.devices()[0].platform} for {_BATCH.value} examples; new = {new}")
+  print(f"load average at start: {os.getloadavg()[0]:.1f}")
+  head = (f"{'preset':<16}{'path':<8}{'params':>8}{'temp GiB/ex':>12}{'ratio':>7}{'state GiB':>10}"
+          f"{'TFLOP/step':>11}{'ratio':>7}{'GiB/dev@32':>11}{'fits':>5}{'GiB/dev@16':>11}{'fits':>5}{'compile s':>10}")
+  print(head)
+  for preset in _PRESETS.value:
+    rows = {path: measure(model_config(preset, options, _SEQ_LEN.value, _DTYPE.value), _BATCH.value)
+            for path, options in paths(preset).items()}
+    for path, r in rows.items():
+      at32, at16 = per_device(r, PAPER_BATCH // DEVICES), per_device(r, PAPER_BATCH // DEVICES // 2)
+      print(f"{preset:<16}{path:<8}{r['params'] / 1e6:>7.0f}M{r['temp'] / GiB:>12.3f}"
+            f"{r['temp'] / rows['today']['temp']:>7.2f}{r['state'] / GiB:>10.2f}{r['flops'] / 1e12:>11.2f}"
+            f"{r['flops'] / rows['today']['flops']:>7.2f}{at32 / GiB:>11.1f}{'yes' if at32 <= DEVICE_BYTES else 'no':>5}"
+            f"{at16 / GiB:>11.1f}{'yes' if at16 <= DEVICE_BYTES else 'no':>5}{r['compile_s']:>10.0f}", flush=True)
+  print(f"load average at end: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+  app.run(main)
