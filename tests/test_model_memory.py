@@ -121,3 +121,14 @@ def test_prefill_of_a_scanned_model_matches_its_training_forward():
   train = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))
   prefill = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t, return_state=True)[0])  # the Python loop
   np.testing.assert_allclose(prefill(params, tokens()), train(params, tokens()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(remat="full"), dict(scan_layers=True)], ids=str)
+def test_a_sown_auxiliary_loss_is_refused_in_one_line_not_dropped(options):
+  cfg = ModelConfig.from_config(dict(d_model=D, n_layers=2, mixer={"name": "sparse_attention"}, **options),
+                                vocab_size=V, seq_len=L)
+  model = LanguageModel(cfg, rngs=nnx.Rngs(0))  # learned selection sows its sparsity loss
+  with pytest.raises(ValueError) as err:
+    model(tokens())
+  assert str(err.value).startswith("model.remat / model.scan_layers cannot carry a loss a layer sows")
+  assert "\n" not in str(err.value)
