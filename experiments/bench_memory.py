@@ -14,12 +14,12 @@ Two paths per preset, compiled in the same run:
   new     the memory options of the paper-size presets (`zoo_jax.configs.lm.MEMORY`)
 Columns: temporaries per example (XLA's temp bytes / batch: an upper bound, it includes batch-independent
 buffers such as bf16 copies of the weights), parameter + gradient + AdamW bytes (float32, 4 copies), FLOPs
-per step (XLA's count, so remat's recompute shows; of the step without loops, see `measure`), and for the paper's global batch of 256 on 8 devices
-with FSDP over the 8 (parameters, gradients and optimizer state sharded / 8): the GiB one device needs at
-256 / 8 = 32 examples (and at 16, two micro-batches) against 80 GB. Attention's today and new rows use
-`jax.nn.dot_product_attention`'s XLA path (L × L float32 scores per head); where the attention mixer has
-a blockwise implementation (`zoo_jax.ops.attention`, FlashAttention-2 in plain JAX), a third row
-'new+bw' is the new path with it.
+per step (XLA's count of the step without loops, see `measure`, so remat's recompute shows), and for the
+paper's global batch of 256 on 8 devices with FSDP over the 8 (parameters, gradients and optimizer state
+sharded / 8): the GiB one device needs at 256 / 8 = 32 examples (and at 16, two micro-batches) against
+80 GB. Attention's today and new rows use `jax.nn.dot_product_attention`'s XLA path (L × L float32 scores
+per head); where the attention mixer has a blockwise implementation (`zoo_jax.ops.attention`,
+FlashAttention-2 in plain JAX), a third row 'new+bw' is the new path with it.
 """
 
 import dataclasses
@@ -115,6 +115,10 @@ def per_device(r: dict, examples: int) -> float:
   return r["state"] / DEVICES + examples * r["temp"]
 
 
+def fits(need: float) -> str:
+  return "yes" if need <= DEVICE_BYTES else "no"
+
+
 def main(argv):
   del argv
   new = lm_configs.MEMORY
@@ -131,8 +135,8 @@ def main(argv):
       at32, at16 = per_device(r, PAPER_BATCH // DEVICES), per_device(r, PAPER_BATCH // DEVICES // 2)
       print(f"{preset:<16}{path:<8}{r['params'] / 1e6:>7.0f}M{r['temp'] / GiB:>12.3f}"
             f"{r['temp'] / rows['today']['temp']:>7.2f}{r['state'] / GiB:>10.2f}{r['flops'] / 1e12:>11.2f}"
-            f"{r['flops'] / rows['today']['flops']:>7.2f}{at32 / GiB:>11.1f}{'yes' if at32 <= DEVICE_BYTES else 'no':>5}"
-            f"{at16 / GiB:>11.1f}{'yes' if at16 <= DEVICE_BYTES else 'no':>5}{r['compile_s']:>10.0f}", flush=True)
+            f"{r['flops'] / rows['today']['flops']:>7.2f}{at32 / GiB:>11.1f}{fits(at32):>5}"
+            f"{at16 / GiB:>11.1f}{fits(at16):>5}{r['compile_s']:>10.0f}", flush=True)
   print(f"load average at end: {os.getloadavg()[0]:.1f}")
 
 

@@ -248,11 +248,11 @@ class LanguageModel(nnx.Module):
     """The shortest p dividing n_layers such that block i + p has block i's structure and parameter shapes
     (1 for a uniform stack, a hybrid's cycle, 2 for kernels alternating 3 / long); n_layers if none."""
     n = len(self.blocks)
-    sigs = [(graphdef, jax.tree.map(lambda x: (x.shape, x.dtype), state))
-            for graphdef, state in (nnx.split(block) for block in self.blocks)]
-    same = lambda a, b: a[0] == b[0] and jax.tree.structure(a[1]) == jax.tree.structure(b[1]) and (
-        jax.tree.leaves(a[1]) == jax.tree.leaves(b[1]))
-    return next(p for p in range(1, n + 1) if n % p == 0 and all(same(sigs[i], sigs[i + p]) for i in range(n - p)))
+    sigs = []
+    for graphdef, state in (nnx.split(block) for block in self.blocks):
+      leaves, treedef = jax.tree.flatten(state)
+      sigs.append((graphdef, treedef, [(x.shape, x.dtype) for x in leaves]))
+    return next(p for p in range(1, n + 1) if n % p == 0 and all(sigs[i] == sigs[i + p] for i in range(n - p)))
 
   def _scanned_blocks(self, x_bld: jax.Array, tokens_bl: jax.Array) -> jax.Array:
     """The blocks as a lax.scan over n_layers / p steps of p blocks, their parameters stacked per position
