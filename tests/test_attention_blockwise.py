@@ -51,8 +51,9 @@ def _value_and_grads(fn, q, k, v):
 # The default suite keeps three (each compiles a forward and a backward); the rest run with the slow tests.
 slow = lambda *case: pytest.param(*case, marks=pytest.mark.slow)
 CASES = [
-    slow(2, 32, 1, 8, 8, None),
-    (1, 37, 3, 8, 8, None),
+    (2, 48, 1, 8, 8, None),  # 6 blocks: offsets 1..2 paired with 5..4 in a loop, offset 3 alone
+    (1, 37, 3, 8, 8, None),  # 5 blocks, the last padded: offsets paired (1, 4), (2, 3)
+    slow(2, 32, 1, 8, 8, None),  # 4 blocks: every offset unrolled
     slow(2, 29, 2, 4, 32, None),
     (1, 40, 2, 8, 8, 0),
     slow(2, 37, 1, 8, 8, 5),
@@ -120,6 +121,17 @@ def test_no_l_by_l_array_in_the_forward_or_the_backward():
   # largest are the first offset's n (c×c) scores: n·c² = l·c.
   assert _largest_intermediate(grads("xla"), q, kk, v) >= l * l
   assert _largest_intermediate(grads("blockwise"), q, kk, v) <= l * block
+
+
+def test_compiled_temporaries_grow_linearly_in_the_length():
+  """XLA's buffer assignment of the compiled forward + backward: blockwise temporaries double with l (no
+  l×l array, and the block pairs of different offsets do not all live at once); the masked path's grow 4x."""
+  def temps(implementation, l):
+    loss = lambda *a: jnp.sum(attention_ops.causal_attention(*a, implementation=implementation, block=32))
+    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return step.lower(*_qkv(1, l, 2, 8)).compile().memory_analysis().temp_size_in_bytes
+  assert temps("blockwise", 1024) < 2.5 * temps("blockwise", 512)
+  assert temps("xla", 1024) > 3.5 * temps("xla", 512)
 
 
 def _flops(fn, *args) -> float:

@@ -23,8 +23,10 @@ Paths (`implementation`):
 Block offsets, not a per-query-block loop: a loop over query blocks whose key loop stops at the diagonal
 skips nothing once it is vmapped (a batched while loop runs every lane to the longest trip count), and
 run sequentially it leaves each matmul small. One batched matmul per offset skips the masked blocks and
-keeps the matmuls large; the offsets are a Python loop (⌈l/c⌉ of them for full attention: a few dozen at
-most at the block lengths `block_len` picks).
+keeps the matmuls large. Offsets o and n − o together are exactly n block pairs, so full attention over
+more than 4 blocks runs offset 0, then a `lax.fori_loop` over the pairs (o, n − o) (gathered blocks,
+scatter-added statistics), so that XLA reuses one step's buffers for the next: the compiled temporaries
+grow linearly in l (tests/test_attention_blockwise.py). A window's few offsets are unrolled.
 
 Inputs (b, l, h, k) in any float dtype; the matmuls take the inputs' dtype with float32 accumulation, the
 softmax statistics and accumulators are float32, the output has q's dtype (bf16 in, bf16 out).
@@ -44,6 +46,7 @@ IMPLEMENTATIONS = ("reference", "xla", "cudnn", "blockwise")
 # no float32).
 FASTEST = {"cpu": "blockwise", "gpu": "blockwise", "tpu": "blockwise"}
 _MAX_BLOCK = 128
+_UNROLLED = 4  # full attention over at most this many blocks: every offset unrolled (faster at L 512)
 
 
 def default_implementation(dtype=None) -> str:
@@ -139,17 +142,6 @@ def _from_blocks(a_nbhck, l):
   return a_nbhck.transpose(1, 0, 3, 2, 4).reshape(b, n * c, h, k)[:, :l]
 
 
-def _offsets(n, c, window):
-  """The block offsets that hold a visible key: 0 .. ⌈w/c⌉ (all n without a window)."""
-  return range(n if window is None else min(n, -(-window // c) + 1))
-
-
-def _needs_mask(o, c, window):
-  """Whether any (query, key) pair of offset o is hidden: on the diagonal (keys after the query), or past
-  the window. The blocks strictly below the diagonal of full causal attention need no mask."""
-  return o == 0 or (window is not None and o * c + c - 1 > window)
-
-
 def _mask_cc(o, c, window):
   """(c, c) bool: may query row a of block i see key row e of block i − o? Their distance is o·c + a − e.
   Padding needs no mask: padded keys come after every real query."""
@@ -158,36 +150,66 @@ def _mask_cc(o, c, window):
   return visible if window is None else visible & (dist_cc <= window)
 
 
-def _scores(q_nbhck, k_nbhck, o, window, scale):
-  """Scaled logits of query blocks o .. n − 1 against key blocks 0 .. n − 1 − o, masked: (n − o, b, h, c, c)
-  float32."""
-  n, c = q_nbhck.shape[0], q_nbhck.shape[3]
-  s = jnp.einsum("nbhak,nbhek->nbhae", q_nbhck[o:], k_nbhck[:n - o],
-                 preferred_element_type=jnp.float32) * scale
-  return jnp.where(_mask_cc(o, c, window), s, -jnp.inf) if _needs_mask(o, c, window) else s
+def _visits(n, c, window):
+  """The block pairs to compute: a list of static visits (o, mask): offset o's n − o pairs, query blocks
+  o .. n − 1 against key blocks 0 .. n − 1 − o, with the (c, c) mask where one is needed (on the diagonal,
+  past the window: the blocks strictly below the diagonal of full attention need none); and a number of
+  paired steps: full attention over more than `_UNROLLED` blocks visits offsets o and n − o together, n
+  pairs a step for o = 1 .. steps, in one `lax.fori_loop`, so that XLA reuses a step's buffers for the next
+  (unrolled, XLA:CPU kept every offset's scores alive at once: temporaries grew as l², measured). A window
+  has ⌈w/c⌉ + 1 offsets, all static."""
+  if window is not None:
+    offsets = range(min(n, -(-window // c) + 1))
+    return [(o, _mask_cc(o, c, window) if o == 0 or o * c + c - 1 > window else None) for o in offsets], 0
+  if n <= _UNROLLED:
+    return [(o, _mask_cc(0, c, None) if o == 0 else None) for o in range(n)], 0
+  return [(0, _mask_cc(0, c, None))] + ([(n // 2, None)] if n % 2 == 0 else []), (n - 1) // 2
+
+
+def _pair_index(n, o):
+  """Query and key block of each of the n pairs of offsets o and n − o: pairs j < n − o are (o + j, j),
+  the rest (j, j − (n − o))."""
+  j = jnp.arange(n)
+  first = j < n - o
+  return jnp.where(first, j + o, j), jnp.where(first, j, j - (n - o))
+
+
+def _offset_index(n, o):
+  return slice(o, n), slice(0, n - o)
+
+
+def _scores(q_nbhck, k_nbhck, mask_cc, scale):
+  s = jnp.einsum("nbhak,nbhek->nbhae", q_nbhck, k_nbhck, preferred_element_type=jnp.float32) * scale
+  return s if mask_cc is None else jnp.where(mask_cc, s, -jnp.inf)
 
 
 def _forward(q_nbhck, k_nbhck, v_nbhck, window):
-  """Online softmax over offsets. Offset 0 holds every query's own key, so the running max is finite
-  from then on and a row with no visible key at a later offset adds exp(−inf) = 0."""
+  """Online softmax over the visits. Offset 0, first, holds every query's own key, so the running max is
+  finite from then on and a row with no visible key in a later pair adds exp(−inf) = 0. A query block
+  met twice in one paired step is updated by scatter-max, then scatter-add."""
   n, b, h, c, dk = q_nbhck.shape
   scale = dk ** -0.5
-  m = jnp.full((n, b, h, c), -jnp.inf, jnp.float32)
-  s_sum = jnp.zeros((n, b, h, c), jnp.float32)
-  acc = jnp.zeros(v_nbhck.shape, jnp.float32)
-  for o in _offsets(n, c, window):
-    s = _scores(q_nbhck, k_nbhck, o, window, scale)
-    m_old = m[o:]
-    m_new = jnp.maximum(m_old, s.max(-1))
-    p = jnp.exp(s - m_new[..., None])
-    rescale = jnp.exp(m_old - m_new)
-    pv = jnp.einsum("nbhae,nbhek->nbhak", p.astype(v_nbhck.dtype), v_nbhck[:n - o],
+
+  def visit(state, qi, ki, mask_cc):
+    m, s_sum, acc = state
+    s = _scores(q_nbhck[qi], k_nbhck[ki], mask_cc, scale)
+    m_new = m.at[qi].max(s.max(-1))
+    p = jnp.exp(s - m_new[qi][..., None])
+    rescale = jnp.exp(m - m_new)
+    pv = jnp.einsum("nbhae,nbhek->nbhak", p.astype(v_nbhck.dtype), v_nbhck[ki],
                     preferred_element_type=jnp.float32)
-    m = m.at[o:].set(m_new)
-    s_sum = s_sum.at[o:].set(s_sum[o:] * rescale + p.sum(-1))
-    acc = acc.at[o:].set(acc[o:] * rescale[..., None] + pv)
-  out = (acc / s_sum[..., None]).astype(q_nbhck.dtype)
-  return out, m + jnp.log(s_sum)  # the output and each row's log-sum-exp
+    return m_new, (s_sum * rescale).at[qi].add(p.sum(-1)), (acc * rescale[..., None]).at[qi].add(pv)
+
+  state = (jnp.full((n, b, h, c), -jnp.inf, jnp.float32), jnp.zeros((n, b, h, c), jnp.float32),
+           jnp.zeros(v_nbhck.shape, jnp.float32))
+  static, steps = _visits(n, c, window)
+  state = visit(state, *_offset_index(n, static[0][0]), static[0][1])
+  if steps:
+    state = jax.lax.fori_loop(1, steps + 1, lambda o, st: visit(st, *_pair_index(n, o), None), state)
+  for o, mask_cc in static[1:]:
+    state = visit(state, *_offset_index(n, o), mask_cc)
+  m, s_sum, acc = state
+  return (acc / s_sum[..., None]).astype(q_nbhck.dtype), m + jnp.log(s_sum)  # the output, each row's lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -201,25 +223,31 @@ def _flash_fwd(q_nbhck, k_nbhck, v_nbhck, window):
 
 
 def _flash_bwd(window, residuals, dout_nbhck):
-  """FlashAttention-2's backward by offsets: p = exp(s − lse) recomputed per offset,
+  """FlashAttention-2's backward over the same visits: p = exp(s − lse) recomputed per pair,
   dv += pᵀ dO, ds = p ⊙ (dO vᵀ − rowsum(dO ⊙ O)), dq += ds k · scale, dk += dsᵀ q · scale."""
   q, k, v, out, lse = residuals
   n, c, dk = q.shape[0], q.shape[3], q.shape[4]
   scale = dk ** -0.5
-  f32 = lambda a: a.astype(jnp.float32)
-  delta = jnp.sum(f32(dout_nbhck) * f32(out), -1)  # (n, b, h, c)
-  dq = jnp.zeros(q.shape, jnp.float32)
-  dk_ = jnp.zeros(k.shape, jnp.float32)
-  dv = jnp.zeros(v.shape, jnp.float32)
   mm = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
-  for o in _offsets(n, c, window):
-    p = jnp.exp(_scores(q, k, o, window, scale) - lse[o:, ..., None])
-    do = dout_nbhck[o:]
-    dv = dv.at[:n - o].add(mm("nbhae,nbhak->nbhek", p.astype(do.dtype), do))
-    dp = mm("nbhak,nbhek->nbhae", do, v[:n - o])
-    ds = (p * (dp - delta[o:, ..., None])).astype(q.dtype)
-    dq = dq.at[o:].add(mm("nbhae,nbhek->nbhak", ds, k[:n - o]))
-    dk_ = dk_.at[:n - o].add(mm("nbhae,nbhak->nbhek", ds, q[o:]))
+  delta = jnp.sum(dout_nbhck.astype(jnp.float32) * out.astype(jnp.float32), -1)  # (n, b, h, c)
+
+  def visit(grads, qi, ki, mask_cc):
+    dq, dk_, dv = grads
+    q_g, k_g, do = q[qi], k[ki], dout_nbhck[qi]
+    p = jnp.exp(_scores(q_g, k_g, mask_cc, scale) - lse[qi][..., None])
+    dp = mm("nbhak,nbhek->nbhae", do, v[ki])
+    ds = (p * (dp - delta[qi][..., None])).astype(q.dtype)
+    return (dq.at[qi].add(mm("nbhae,nbhek->nbhak", ds, k_g)),
+            dk_.at[ki].add(mm("nbhae,nbhak->nbhek", ds, q_g)),
+            dv.at[ki].add(mm("nbhae,nbhak->nbhek", p.astype(do.dtype), do)))
+
+  grads = tuple(jnp.zeros(a.shape, jnp.float32) for a in (q, k, v))
+  static, steps = _visits(n, c, window)
+  for o, mask_cc in static:
+    grads = visit(grads, *_offset_index(n, o), mask_cc)
+  if steps:
+    grads = jax.lax.fori_loop(1, steps + 1, lambda o, g: visit(g, *_pair_index(n, o), None), grads)
+  dq, dk_, dv = grads
   return (dq * scale).astype(q.dtype), (dk_ * scale).astype(k.dtype), dv.astype(v.dtype)
 
 
