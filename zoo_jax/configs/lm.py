@@ -17,12 +17,19 @@ The argument after the colon picks a preset of `PRESETS`:
   attention_360m, base_conv_360m  24 layers × 1024 (GPT-2-medium shape, ~355M): the paper's 360M size
 The big presets train on rows of 1,024 tokens, global batch 256 (0.26M tokens per step), 20,000 steps ≈
 5B tokens (the paper's token budget), lr 6e-4 (125M) / 3e-4 (360M) with 1% warmup and cosine decay.
-Measured (tiny pair, 2 CPU cores shared with other jobs, load average ~10): attention trains at ~240 tokens/s
-(17 min), BaseConv at ~600 tokens/s (7 min); after 0.25M tokens validation perplexity is 653 (attention) vs 803
-(BaseConv). experiments/ar_gap.py on the pair: AR hits are 3.9% of the held-out tokens (threshold 10) and
-*harder* than other tokens for both models (perplexity ~7,300 vs ~590): at this budget neither model has
-learned in-context recall, so only 2% of the gap sits on AR hits, not the paper's 82%. The paper's effect
-needs models that have formed induction heads (far more tokens than 2 CPU cores give in minutes).
+Measured (tiny pair, 2 CPU cores shared with 4 other jobs): `experiments/bench_lm.py --seq_len=256
+--batch_size=8` (the tiny presets' step, synthetic tokens) gives 408 / 522 tokens/s
+for attention and 443 / 480 for BaseConv, alternated over two rounds at load average 11-15 (BaseConv /
+attention 1.09 and 0.92): the two models train at the same speed, both dominated by the 50,304-token head,
+and the speed is the machine's load, not the model's (an earlier figure of ~240 vs ~600 tokens/s recorded two different loads). The README's three commands (both
+runs of 120 steps, then experiments/ar_gap.py) took 29 min 45 s at load ~12 (371 / 376 tokens/s including
+compilation, ~70 s per evaluation of 192 rows). After 0.25M tokens validation perplexity is 694 (attention)
+vs 808 (BaseConv). experiments/ar_gap.py on the pair (bigrams counted over the 245,760 tokens trained on,
+hits within a document): AR hits are 5.1% of the held-out tokens (threshold 10; 76% of them bigrams never
+seen in training) and *harder* than other tokens for both models (perplexity 3,940 / 4,343 vs 632 / 738):
+at this budget neither model has learned in-context recall, so only 3.3% of the gap sits on AR hits, not
+the paper's 82%. The paper's effect needs models that have formed induction heads (far more tokens than 2
+CPU cores give in minutes).
 Overrides reach any key: `--config.data.seq_len=512`, `--config.mesh.fsdp=8`, `--config.model.mixer.rotary=False
 --config.model.learned_positions=True`.
 """
