@@ -77,7 +77,7 @@ def test_blockwise_output_and_gradients_are_the_masked_softmax(b, l, h, k, block
 
 @pytest.mark.parametrize("window", [None, pytest.param(6, marks=pytest.mark.slow)])
 def test_blockwise_bfloat16_inputs_give_bfloat16_close_to_float32(window):
-  q, kk, v = _qkv(2, 45, 2, 16, seed=1, dtype=jnp.bfloat16)
+  q, kk, v = _qkv(1, 45, 2, 8, seed=1, dtype=jnp.bfloat16)
   f32 = lambda a: a.astype(jnp.float32)
   ref_out, ref_grads = _value_and_grads(
       lambda *a: attention_ops.attention_reference(*map(f32, a), window=window), q, kk, v)
@@ -90,7 +90,7 @@ def test_blockwise_bfloat16_inputs_give_bfloat16_close_to_float32(window):
     assert_close_to_scale(grad, ref_grad, BF16_RTOL)
 
 
-@pytest.mark.parametrize("window", [None, 20, 500] + [pytest.param(w, marks=pytest.mark.slow) for w in (1, 8, 63, 64)])
+@pytest.mark.parametrize("window", [None, 20] + [pytest.param(w, marks=pytest.mark.slow) for w in (1, 8, 63, 64, 500)])
 def test_blockwise_equals_todays_xla_path_for_windows(window):
   q, kk, v = _qkv(2, 64, 2, 8, seed=2)
   expected = attention_ops.causal_attention(q, kk, v, window=window, implementation="xla")
@@ -130,8 +130,8 @@ def test_compiled_temporaries_grow_linearly_in_the_length():
     loss = lambda *a: jnp.sum(attention_ops.causal_attention(*a, implementation=implementation, block=32))
     step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     return step.lower(*_qkv(1, l, 2, 8)).compile().memory_analysis().temp_size_in_bytes
-  assert temps("blockwise", 1024) < 2.5 * temps("blockwise", 512)
-  assert temps("xla", 1024) > 3.5 * temps("xla", 512)
+  assert temps("blockwise", 512) < 2.5 * temps("blockwise", 256)
+  assert temps("xla", 512) > 3.5 * temps("xla", 256)
 
 
 def _flops(fn, *args) -> float:
