@@ -19,7 +19,8 @@ paper's global batch of 256 on 8 devices with FSDP over the 8 (parameters, gradi
 sharded / 8): the GiB one device needs at 256 / 8 = 32 examples (and at 16, two micro-batches) against
 80 GB. Attention's today and new rows use `jax.nn.dot_product_attention`'s XLA path (L × L float32 scores
 per head); where the attention mixer has a blockwise implementation (`zoo_jax.ops.attention`,
-FlashAttention-2 in plain JAX), a third row 'new+bw' is the new path with it.
+FlashAttention-2 in plain JAX), a third row 'new+bw' is the new path with it; its FLOPs are undercounted
+(the blockwise op's own fori_loop body is counted once).
 """
 
 import dataclasses
