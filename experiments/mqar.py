@@ -83,7 +83,8 @@ def plot_accuracy_vs_length(summaries: dict, path: str) -> bool:
   widths = sorted({s["d_model"] for s in summaries.values()})
   ax.set(xscale="log", xlabel="sequence length L", ylabel="MQAR test accuracy", ylim=(-0.02, 1.02),
          title=f"d_model {', '.join(map(str, widths))}: mean ± std over seeds")
-  ax.set_xticks(sorted({l for p in curves.values() for l in p}), labels=None)
+  ax.minorticks_off()
+  ax.set_xticks(sorted({l for p in curves.values() for l in p}))
   ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
   ax.grid(alpha=0.3)
   ax.legend()

@@ -35,8 +35,11 @@ for the population, compilation included: about 1.5 minutes on 2 idle cores); th
 decay over 3,000 steps solved 1 of 3 seeds, lr 1e-2 (warmup 100, constant) 1 of 3 by 2,500 steps, 4 heads
 0 of 3 by 2,700 steps. The preset itself (`:quick`, load 4-12): attention at L = 16 test accuracy 0.999 ±
 0.001, 3/3 seeds >= 0.99 (best epochs 21-26; 323 s of training under load); at L = 32 0.834 ± 0.230, 2/3
-(seeds 1 and 2 at epochs 24 and 32; seed 0 stalls at 0.51, half the queries, through epoch 40; 609 s).
-So the length sweep does not yet show attention solving every length in 3 of 3 seeds at this budget. At
+(seeds 1 and 2 at epochs 24 and 32; seed 0 stalls at 0.51, half the queries, through epoch 40; 609 s);
+BaseConv 0.288 ± 0.001 at L = 16 and 0.259 ± 0.003 at L = 32, 0/3 (near the 0.25 of guessing one of the
+4 values). The whole preset: 23.5 min of wall time at load 4-12, 1,161 CPU seconds (about 10-13 minutes on
+2 idle cores, not the 5 aimed at). So the length sweep does not yet show attention solving every length in
+3 of 3 seeds at this budget. At
 width 64 and L = 64 no variant tried (lr 3e-3 or 1e-2, warmup, rotary positions,
 16 kv pairs) left the plateau within 800-1,200 steps; fresh examples against a fixed set were not compared.
 """
