@@ -48,17 +48,10 @@ GiB = 2**30
 DEVICES, DEVICE_BYTES, PAPER_BATCH = 8, 80e9, 256
 
 
-def attention_implementations() -> tuple[str, ...]:
-  """The attention mixer's `implementation` values (the blockwise one from zoo_jax.ops.attention), if any."""
-  from zoo_jax.mixers import attention  # pylint: disable=g-import-not-at-top
-  return getattr(attention, "IMPLEMENTATIONS", ())
-
-
 def paths(preset: str) -> dict[str, dict]:
-  """today, new, and for attention with a blockwise implementation, new + blockwise: model options each.
-  Attention's implementation is pinned ('xla': today's l × l scores) where the mixer has the option."""
-  attention = lm_configs.PRESETS[preset]["model"]["mixer"]["name"] == "attention"
-  if not (attention and "blockwise" in attention_implementations()):
+  """today, new, and for attention new + blockwise: model options each. Attention's implementation is
+  pinned ('xla': today's l × l scores) in today and new."""
+  if lm_configs.PRESETS[preset]["model"]["mixer"]["name"] != "attention":
     return dict(today=TODAY, new=lm_configs.MEMORY)
   xla, blockwise = dict(implementation="xla"), dict(implementation="blockwise")
   return dict(today=dict(TODAY, mixer=xla), new=dict(lm_configs.MEMORY, mixer=xla),

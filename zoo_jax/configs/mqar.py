@@ -55,9 +55,9 @@ def _segments(seq_len: int, num_kv_pairs: int, num_examples: int) -> list[dict]:
   return [dict(seq_len=seq_len, num_kv_pairs=num_kv_pairs, num_examples=num_examples)]
 
 
-def _data(seq_len: int, num_kv_pairs: int) -> dict:
-  return dict(train_segments=_segments(seq_len, num_kv_pairs, 40_000),
-              validation_segments=_segments(seq_len, num_kv_pairs, 1_000),
+def _data(seq_len: int, num_kv_pairs: int, num_train: int = 40_000, num_validation: int = 1_000) -> dict:
+  return dict(train_segments=_segments(seq_len, num_kv_pairs, num_train),
+              validation_segments=_segments(seq_len, num_kv_pairs, num_validation),
               test_segments=_segments(seq_len, num_kv_pairs, 1_000))
 
 
@@ -125,15 +125,7 @@ def tradeoff_models() -> dict[str, dict]:
 QUICK_WIDTH = 64
 QUICK_LENGTHS = ((16, 4), (32, 4))  # (seq_len, num_kv_pairs)
 QUICK_SEEDS = (0, 1, 2)
-QUICK_RUNS = {f"{name}-L{seq_len}": dict(model=model, data=dict(train_segments=_segments(seq_len, kv, 6_400),
-                                                                validation_segments=_segments(seq_len, kv, 500),
-                                                                test_segments=_segments(seq_len, kv, 1_000)))
-              for name, model in (("attention", ATTENTION), ("base_conv", BASE_CONV))
-              for seq_len, kv in QUICK_LENGTHS}
-
-RUNS = {f"{name}-L{seq_len}": dict(model=model, data=dict(train_segments=_segments(seq_len, kv, 6_400),
-                                                                validation_segments=_segments(seq_len, kv, 500),
-                                                                test_segments=_segments(seq_len, kv, 1_000)))
+QUICK_RUNS = {f"{name}-L{seq_len}": dict(model=model, data=_data(seq_len, kv, 6_400, 500))
               for name, model in (("attention", ATTENTION), ("base_conv", BASE_CONV))
               for seq_len, kv in QUICK_LENGTHS}
 

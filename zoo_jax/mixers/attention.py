@@ -41,7 +41,8 @@ from zoo_jax import layers
 from zoo_jax.mixers import registry
 from zoo_jax.ops import attention as attention_ops
 
-IMPLEMENTATIONS = ("xla", "cudnn", "blockwise")  # the mixers' `implementation` values besides None
+# The mixers' `implementation` values besides None: the op's paths but its test-only reference.
+IMPLEMENTATIONS = tuple(impl for impl in attention_ops.IMPLEMENTATIONS if impl != "reference")
 
 
 def validate_implementation(field: str, implementation: str | None) -> None:
