@@ -7,6 +7,8 @@ setuptools.setup(
     description="Sequence mixers on associative recall, in JAX/Flax (a reimplementation of Zoology).",
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["zoo_jax", "zoo_jax.*"]),
+    # The shipped tokenizers (`zoo_jax.data.tokenizer.SHIPPED`, built by experiments/build_tokenizer.py).
+    package_data={"zoo_jax.data": ["tokenizers/*.json"]},
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",

