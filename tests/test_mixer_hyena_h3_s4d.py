@@ -78,8 +78,9 @@ def assert_forms_match_reference(module, x, reference):
 
 
 def linear64(layer, x):
-  y = x @ p64(layer.kernel)
-  return y + p64(layer.bias) if layer.bias is not None else y
+  """x W + b with a fused kernel (d_in, *parts) (layers.FusedLinear) read as (d_in, prod(parts))."""
+  y = x @ p64(layer.kernel).reshape(layer.kernel.shape[0], -1)
+  return y + p64(layer.bias).reshape(-1) if layer.bias is not None else y
 
 
 # ---------------------------------------------------------------------------------------------- Hyena

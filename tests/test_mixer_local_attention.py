@@ -58,7 +58,7 @@ def naive(module: nnx.Module, cfg: dict, x_bld) -> np.ndarray:
   x = f64(x_bld)
   b, l, d = x.shape
   h = cfg.get("num_heads", 1)
-  qkv = x @ f64(module.qkv_proj.kernel[...]) + f64(module.qkv_proj.bias[...])
+  qkv = x @ f64(module.qkv_proj.kernel[...]).reshape(d, 3 * d) + f64(module.qkv_proj.bias[...]).reshape(-1)
   q, k, v = (qkv[..., i * d:(i + 1) * d].reshape(b, l, h, d // h) for i in range(3))
   y = np.zeros((b, l, h, d // h))
   for i in range(l):

@@ -133,7 +133,8 @@ def naive_mamba(module: mamba.Mamba, u_bld) -> np.ndarray:
   e, n = p["A_log"].shape
   r, k = module.rank, p["conv"]["w_kc"].shape[0]
   bias = lambda name: p[name].get("bias", 0.0)
-  xz = u_bld @ p["in_proj"]["kernel"] + bias("in_proj")
+  d = u_bld.shape[-1]  # in_proj's kernel is (d, 2, e) (layers.FusedLinear): as (d, 2e), x then z
+  xz = u_bld @ p["in_proj"]["kernel"].reshape(d, -1) + np.reshape(bias("in_proj"), -1)
   x, z = xz[..., :e], xz[..., e:]
   x_pad = np.concatenate([np.zeros((b, k - 1, e)), x], axis=1)
   a_en = -np.exp(p["A_log"])
@@ -199,7 +200,7 @@ def test_parameters_have_zoology_shapes():
   e, r, n, k = 2 * d, 3, 16, 4
   shapes = jax.tree.map(jnp.shape, nnx.state(module, nnx.Param).to_pure_dict())
   assert shapes == {
-      "in_proj": {"kernel": (d, 2 * e)}, "conv": {"w_kc": (k, e), "b_c": (e,)},
+      "in_proj": {"kernel": (d, 2, e)}, "conv": {"w_kc": (k, e), "b_c": (e,)},
       "x_proj": {"kernel": (e, r + 2 * n)}, "dt_proj": {"kernel": (r, e), "bias": (e,)},
       "A_log": (e, n), "D": (e,), "out_proj": {"kernel": (e, d)},
   }, shapes

@@ -50,7 +50,7 @@ def naive(module: nnx.Module, num_heads: int, x_bld) -> np.ndarray:
   x = f64(x_bld)
   b, l, d = x.shape
   dk = d // num_heads
-  q, k, v, g = np.split(x @ f64(module.in_proj.kernel[...]), 4, axis=-1)
+  q, k, v, g = np.split(x @ f64(module.in_proj.kernel[...]).reshape(d, 4 * d), 4, axis=-1)
   heads = lambda a: a.reshape(b, l, num_heads, dk)
   theta = 10000.0 ** -(np.arange(dk // 2) / max(dk // 2 - 1, 1))
   phase = np.exp(1j * np.arange(l)[:, None] * theta)[None, :, None]  # (1, l, 1, dk/2)

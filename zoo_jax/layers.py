@@ -64,6 +64,41 @@ def linear(d_in: int, d_out: int, *, axes: tuple[str | None, str | None], rngs: 
       bias_init=logical(jax.nn.initializers.zeros, (axes[1],)))
 
 
+
+class FusedLinear(nnx.Module):
+  """x W + b for a fused projection whose output is split later (q / k / v, the two halves of a gate), with
+  the split kept as a dimension of its own: kernel (d_in, *out_shape), e.g. (embed, 3, heads, head_dim) as
+  in MaxText, output (..., *out_shape).
+
+  The split dimension's logical axis is None (never sharded), so a `model` shard of the kernel holds a slice
+  of every part (heads h0..h1 of q, k and v) and never all of q on one device and all of v on another, as
+  a (d_in, 3·d) kernel split column-wise over `model` would. The function and its initialisation are
+  `linear(d_in, prod(out_shape))`'s: the kernel is drawn as (d_in, prod(out_shape)) ~ N(0, std) (fan-in
+  d_in) from the same key and reshaped, the bias is 0, and the keys are taken in `nnx.Linear`'s order
+  (kernel, then bias), so a seed gives the same values as the 2-D layout. `kernel.reshape(d_in, -1)` is
+  that layout's kernel.
+  """
+
+  def __init__(self, d_in: int, out_shape: tuple[int, ...], *, axes: tuple[str | None, ...],
+               rngs: nnx.Rngs, std: float = INIT_STD, use_bias: bool = True, dtype: Any = jnp.float32):
+    if len(axes) != 1 + len(out_shape):
+      raise ValueError(f"FusedLinear: {len(axes)} axes for a kernel of rank {1 + len(out_shape)}")
+    out_shape = tuple(out_shape)
+
+    def kernel_init(key, shape, dtype=jnp.float32):
+      return normal(std)(key, (d_in, math.prod(out_shape)), dtype).reshape(shape)
+
+    self.kernel = nnx.Param(logical(kernel_init, axes)(rngs.params(), (d_in, *out_shape)))
+    self.bias = (nnx.Param(logical(jax.nn.initializers.zeros, axes[1:])(rngs.params(), out_shape))
+                 if use_bias else nnx.data(None))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    bias = self.bias[...] if self.bias is not None else None
+    x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, self.kernel[...], bias), dtype=self.dtype)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y if bias is None else y + bias
+
 def _torch_conv_init(fan_in: int):
   """PyTorch's default Conv1d init for weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
   bound = 1.0 / math.sqrt(fan_in)

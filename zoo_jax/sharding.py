@@ -23,6 +23,7 @@ LOGICAL_RULES: Mapping[str, str | None] = {
     "heads": "model",
     "mlp": "model",
     "embed": "fsdp",
+    "head_dim": None,  # within a head: never split (the heads axis is)
 }
 
 

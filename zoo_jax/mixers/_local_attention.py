@@ -63,8 +63,7 @@ class LocalAttention(Attention):
     raise NotImplementedError
 
   def qkv_blhk(self, x_bld: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    b, l, d = x_bld.shape
-    qkv = self.qkv_proj(x_bld).reshape(b, l, 3, self.num_heads, d // self.num_heads)
+    qkv = self.qkv_proj(x_bld)  # (b, l, 3, h, d/h)
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
   def __call__(self, x_bld: jax.Array, state: dict[str, jax.Array] | None = None,

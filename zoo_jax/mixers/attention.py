@@ -108,7 +108,10 @@ class Attention(nnx.Module):
     self.rotary_base = rotary_base
     self.seq_len = seq_len
     self.d_model = d_model
-    self.qkv_proj = layers.linear(d_model, 3 * d_model, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
+    # Kernel (d, 3, h, d/h), logical (embed, None, heads, head_dim): a `model` shard holds whole heads of
+    # q, k and v alike (layers.FusedLinear); the output is (b, l, 3, h, d/h).
+    self.qkv_proj = layers.FusedLinear(d_model, (3, cfg.num_heads, d_model // cfg.num_heads),
+                                       axes=("embed", None, "heads", "head_dim"), rngs=rngs, dtype=dtype)
     self.out_proj = layers.linear(d_model, d_model, axes=("heads", "embed"), rngs=rngs, dtype=dtype,
                                   std=layers.out_proj_std(n_layers))
 
@@ -124,7 +127,7 @@ class Attention(nnx.Module):
       state, y_bld = self.extend_cache(state, x_bld)
       return (y_bld, state) if return_state else y_bld
     b, l, d = x_bld.shape
-    qkv = self.qkv_proj(x_bld).reshape(b, l, 3, self.num_heads, d // self.num_heads)
+    qkv = self.qkv_proj(x_bld)  # (b, l, 3, h, d/h)
     q_blhk, k_blhk, v_blhk = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if self.rotary:
       positions_bl = jnp.broadcast_to(jnp.arange(l), (b, l))
@@ -158,7 +161,7 @@ class Attention(nnx.Module):
     dynamic_update_slice per example; t + l must not pass the cache's length), and query i attends over
     slots 0 .. t + i. In float32, as the cache is."""
     b, l, d = x_bld.shape
-    qkv = self.qkv_proj(x_bld).astype(jnp.float32).reshape(b, l, 3, self.num_heads, d // self.num_heads)
+    qkv = self.qkv_proj(x_bld).astype(jnp.float32)  # (b, l, 3, h, d/h)
     q_blhk, k_blhk, v_blhk = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     t_b = state["t"]
     positions_bl = t_b[:, None] + jnp.arange(l)

@@ -106,7 +106,9 @@ class DeltaNet(nnx.Module):
     conv_width = 2 * self.key_width + self.value_width
     # [q | k | v | gate (use_gate) | β logits | decay logits (HAS_DECAY)]
     proj_width = (conv_width + self.value_width * cfg.use_gate + h * (1 + self.HAS_DECAY))
-    self.in_proj = layers.linear(d_model, proj_width, axes=("embed", "heads"), rngs=rngs, dtype=dtype,
+    # Replicated over `model` (logical None): its parts have unequal widths and the short conv runs over
+    # the fused q, k, v channels, so a column split would cut across them.
+    self.in_proj = layers.linear(d_model, proj_width, axes=("embed", None), rngs=rngs, dtype=dtype,
                                  use_bias=False)
     # The conv runs in float32: its bias (U(±1/2) at conv_size 4) dwarfs the projected signal (~0.1), and
     # bfloat16 rounding of their sum cost ~2% of the output (measured), above the shared bf16 bound.

@@ -106,7 +106,9 @@ class GatedLinearAttention(nnx.Module):
     self.chunk_size, self.dtype = cfg.chunk_size, dtype
     proj = lambda width, axes=("embed", "heads"): layers.linear(d_model, width, axes=axes, rngs=rngs,
                                                                 dtype=dtype, use_bias=False)
-    self.qkv_proj = proj(2 * key_width + value_width)
+    # Replicated over `model` (logical None): q, k, v have unequal widths when expand_v != 1 and the short
+    # conv runs over the fused channels, so a column split would cut across them.
+    self.qkv_proj = proj(2 * key_width + value_width, ("embed", None))
     self.conv = (layers.ShortConvolution(2 * key_width + value_width, cfg.conv_size, rngs=rngs, dtype=dtype)
                  if cfg.use_short_conv else None)
     self.gate_proj = proj(value_width) if cfg.use_output_gate else None

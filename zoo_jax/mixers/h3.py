@@ -89,7 +89,9 @@ class H3(nnx.Module):
     self.head_dim, self.d_state = cfg.head_dim, cfg.d_state
     self.implementation = cfg.conv_implementation
     self.heads = d_model // cfg.head_dim
-    self.qkv_proj = layers.linear(d_model, 3 * d_model, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
+    # Kernel (d, 3, d), logical (embed, None, heads): a `model` shard holds the same channels of q, k and v.
+    self.qkv_proj = layers.FusedLinear(d_model, (3, d_model), axes=("embed", None, "heads"), rngs=rngs,
+                                       dtype=dtype)
     self.shift_b_dn = nnx.Param(jnp.zeros((d_model, cfg.d_state)).at[:, 0].set(1.0))
     bound = 1 / math.sqrt(cfg.d_state)
     self.shift_c_dn = nnx.Param(jax.random.uniform(rngs.params(), (d_model, cfg.d_state), jnp.float32,
@@ -114,7 +116,8 @@ class H3(nnx.Module):
     return jnp.fft.irfft(jnp.conj(b_f) * c_f, n=2 * n, axis=-1)[:, :min(n, length)].T
 
   def _qkv(self, x: jax.Array) -> list[jax.Array]:
-    return jnp.split(self.qkv_proj(x).astype(jnp.float32), 3, axis=-1)
+    qkv = self.qkv_proj(x).astype(jnp.float32)  # (..., 3, d)
+    return [qkv[..., i, :] for i in range(3)]
 
   def _heads(self, a: jax.Array) -> jax.Array:
     return a.reshape(*a.shape[:-1], self.heads, self.head_dim)

@@ -90,7 +90,9 @@ class Hyena(nnx.Module):
   def __init__(self, cfg: HyenaConfig, *, d_model: int, seq_len: int, layer_idx: int, n_layers: int,
                dtype: Any, rngs: nnx.Rngs):
     self.d_model, self.seq_len, self.dtype = d_model, seq_len, dtype
-    self.in_proj = layers.linear(d_model, 3 * d_model, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
+    # Replicated over `model` (logical None): the short conv runs over the fused 3·d channels before the
+    # split, so a column split would put x1, x2 and v on different shards.
+    self.in_proj = layers.linear(d_model, 3 * d_model, axes=("embed", None), rngs=rngs, dtype=dtype)
     self.implementation = cfg.conv_implementation
     self.short_filter = layers.ShortConvolution(3 * d_model, cfg.short_filter_order, rngs=rngs,
                                                 implementation=cfg.conv_implementation)

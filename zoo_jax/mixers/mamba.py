@@ -189,8 +189,9 @@ class Mamba(nnx.Module):
                dtype: Any, rngs: nnx.Rngs):
     e, r, n = cfg.inner_width(d_model), cfg.rank(d_model), cfg.d_state
     self.rank, self.d_state, self.scan, self.dtype = r, n, cfg.scan, dtype
-    self.in_proj = layers.linear(d_model, 2 * e, axes=("embed", "mlp"), rngs=rngs, dtype=dtype,
-                                 use_bias=cfg.bias)
+    # x, z: kernel (d, 2, e), logical (embed, None, mlp): a `model` shard holds the same channels of both.
+    self.in_proj = layers.FusedLinear(d_model, (2, e), axes=("embed", None, "mlp"), rngs=rngs, dtype=dtype,
+                                      use_bias=cfg.bias)
     self.conv = layers.ShortConvolution(e, cfg.d_conv, rngs=rngs, dtype=dtype)
     self.x_proj = layers.linear(e, r + 2 * n, axes=("mlp", None), rngs=rngs, dtype=dtype, use_bias=False)
     # Δ's projection runs in float32: its bias softplus⁻¹(1e-3..0.1) ≈ -6.9..-2.3 would lose ~1% of Δ
@@ -225,7 +226,7 @@ class Mamba(nnx.Module):
                return_state: bool = False) -> Any:
     """y (b, l, d), continuing after `state` (like `init_state`'s) if given; `(y, state after u)` with
     `return_state`: the conv runs over [window, x] and the scan starts from h (see the module docstring)."""
-    x_ble, z_ble = jnp.split(self.in_proj(u_bld), 2, axis=-1)
+    x_ble, z_ble = (self.in_proj(u_bld)[..., i, :] for i in range(2))
     if state is None and not return_state:
       x_ble, dt_ble, b_bln, c_bln, a_en = self._ssm_inputs(self.conv(x_ble))
       y_ble = selective_scan(x_ble, dt_ble, a_en, b_bln, c_bln, self.D[...], scan=self.scan)
@@ -245,7 +246,7 @@ class Mamba(nnx.Module):
 
   def step(self, state: dict[str, Any], u_bd: jax.Array) -> tuple[dict[str, Any], jax.Array]:
     """One token: shift the conv window, advance h by one step of the recurrence, read it out."""
-    x_be, z_be = jnp.split(self.in_proj(u_bd), 2, axis=-1)
+    x_be, z_be = (self.in_proj(u_bd)[..., i, :] for i in range(2))
     conv_state, x_conv = self.conv.step(state["conv"], x_be)
     x_be, dt_be, b_bn, c_bn, a_en = self._ssm_inputs(x_conv)
     h_ben = ssm_update(state["ssm"], x_be, dt_be, a_en, b_bn)

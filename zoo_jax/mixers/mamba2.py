@@ -129,8 +129,10 @@ class Mamba2(nnx.Module):
     self.num_heads, self.head_dim = cfg.heads(d_model)
     self.d_state, self.ngroups, self.chunk_size = n, g, cfg.chunk_size
     self.norm_before_gate, self.dtype = cfg.norm_before_gate, dtype
-    self.in_proj = layers.linear(d_model, 2 * e + 2 * g * n + self.num_heads, axes=("embed", "mlp"),
-                                 rngs=rngs, dtype=dtype, use_bias=cfg.bias)  # z, x, B, C, δ
+    # z, x, B, C, δ: unequal widths, so replicated over `model` (logical None): a column split would cut
+    # across them.
+    self.in_proj = layers.linear(d_model, 2 * e + 2 * g * n + self.num_heads, axes=("embed", None),
+                                 rngs=rngs, dtype=dtype, use_bias=cfg.bias)
     self.conv = layers.ShortConvolution(e + 2 * g * n, cfg.d_conv, rngs=rngs, dtype=dtype)
     per_head = lambda init: nnx.Param(layers.logical(init, ("heads",))(rngs.params(), (self.num_heads,)))
     self.dt_bias = per_head(_dt_bias_init(cfg))

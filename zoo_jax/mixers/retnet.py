@@ -176,8 +176,10 @@ class MultiScaleRetention(nnx.Module):
     # Constants, not variables: recomputed (as numpy, at trace time) where used.
     self.log_gamma_h = tuple(head_log_decays(cfg.num_heads).tolist())
     self.angle_k = tuple(rotary_angles(head_dim).tolist())
-    self.in_proj = layers.linear(d_model, 4 * d_model, axes=("embed", "heads"), rngs=rngs, dtype=dtype,
-                                 use_bias=False)  # q, k, v, gate
+    # q, k, v, gate: kernel (d, 4, d), logical (embed, None, heads): a `model` shard holds the same
+    # channels (heads) of all four.
+    self.in_proj = layers.FusedLinear(d_model, (4, d_model), axes=("embed", None, "heads"), rngs=rngs,
+                                      dtype=dtype, use_bias=False)
     self.norm_scale = nnx.Param(layers.logical(jax.nn.initializers.ones, ("heads",))(
         rngs.params(), (d_model,)))
     self.norm_bias = nnx.Param(layers.logical(jax.nn.initializers.zeros, ("heads",))(
@@ -192,7 +194,7 @@ class MultiScaleRetention(nnx.Module):
   def _project(self, x_bld: jax.Array, pos_l: jax.Array):
     """(q, k, v, gate): q, k rotated by their positions, k scaled by 1/sqrt(d_k)."""
     b, l, d = x_bld.shape
-    q, k, v, gate_bld = jnp.split(self.in_proj(x_bld), 4, axis=-1)
+    q, k, v, gate_bld = (self.in_proj(x_bld)[:, :, i] for i in range(4))
     heads = lambda t: t.reshape(b, l, self.num_heads, d // self.num_heads)
     angle_k = jnp.asarray(self.angle_k)
     q_blhk = rotate(heads(q), pos_l, angle_k)

@@ -63,8 +63,9 @@ class S4D(nnx.Module):
     self.ssm = _filters.DiagonalSSM(d_model, cfg.d_state, discretization="zoh", learn_b=False,
                                     dt_min=cfg.dt_min, dt_max=cfg.dt_max, rngs=rngs)
     self.skip_d = nnx.Param(jax.random.normal(rngs.params(), (d_model,)))
-    self.output_linear = layers.linear(d_model, 2 * d_model, axes=("embed", "mlp"), rngs=rngs, dtype=dtype,
-                                       std=layers.out_proj_std(n_layers))
+    # GLU halves a, g: kernel (d, 2, d), logical (embed, None, mlp): a `model` shard holds both halves.
+    self.output_linear = layers.FusedLinear(d_model, (2, d_model), axes=("embed", None, "mlp"), rngs=rngs,
+                                            dtype=dtype, std=layers.out_proj_std(n_layers))
 
   @staticmethod
   def state_size(cfg: S4DConfig, d_model: int, seq_len: int, layer_idx: int) -> int:
@@ -83,7 +84,8 @@ class S4D(nnx.Module):
     return self._output(y_bld)
 
   def _output(self, y: jax.Array) -> jax.Array:
-    a, g = jnp.split(self.output_linear(jax.nn.gelu(y, approximate=False).astype(self.dtype)), 2, axis=-1)
+    out = self.output_linear(jax.nn.gelu(y, approximate=False).astype(self.dtype))  # (..., 2, d)
+    a, g = out[..., 0, :], out[..., 1, :]
     return a * jax.nn.sigmoid(g)
 
   def init_state(self, batch_size: int) -> dict[str, jax.Array]:

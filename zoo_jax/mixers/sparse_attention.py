@@ -235,8 +235,7 @@ class SparseAttention(Attention):
     return jnp.zeros((b, l), bool).at[jnp.arange(b)[:, None], positions_bk].set(valid_bk, mode="drop")
 
   def _split_heads(self, qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    b, n, _ = qkv.shape
-    qkv = qkv.reshape(b, n, 3, self.num_heads, self.d_model // self.num_heads)
+    """q, k, v (b, n, h, e) of `qkv_proj`'s output (b, n, 3, h, e)."""
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
   def __call__(self, x_bld: jax.Array, tokens_bl: jax.Array | None = None,
