@@ -5,6 +5,7 @@ import os
 import pytest
 
 from zoo_jax import lm
+from zoo_jax.configs import lm as lm_configs
 from zoo_jax.data import tokenizer as tokenizer_lib
 
 NAME = tokenizer_lib.SHAKESPEARE_BPE
@@ -34,3 +35,14 @@ def test_shipped_tokenizer_name_selects_it_in_the_config():
   with pytest.raises(ValueError, match=r"^data\.tokenizer: shakespeare_bpe3k does not exist \(accepted: 'gpt2', "
                      r"'shakespeare_bpe2k', "):
     lm.resolve(cfg)
+
+
+def test_cpu_preset_pair_uses_the_shipped_tokenizer_and_differs_in_the_mixer_only():
+  (att, att_model, att_tok), (conv, conv_model, _) = (lm.resolve(lm_configs.get_config(name))
+                                                       for name in ("attention_cpu", "base_conv_cpu"))
+  assert att_tok.name == NAME and att_model.vocab_size == conv_model.vocab_size == 2048
+  assert att.data.to_dict() == conv.data.to_dict() and att.train.to_dict() == conv.train.to_dict()
+  assert {k: v for k, v in att.model.to_dict().items() if k != "mixer"} == {
+      k: v for k, v in conv.model.to_dict().items() if k != "mixer"}
+  assert (att.model.mixer.name, conv.model.mixer.name) == ("attention", "base_conv")
+  assert att_model.n_layers >= 2  # induction (in-context recall) needs two attention layers

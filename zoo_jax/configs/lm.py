@@ -11,6 +11,12 @@ The argument after the colon picks a preset of `PRESETS`:
                                   validation on 192 rows (49k tokens of the held-out plays); the pair
                                   compared by experiments/ar_gap.py. Sized for 2 shared CPU cores, where
                                   the 50,304-token head is ~95% of the FLOPs
+  attention_cpu, base_conv_cpu    the CPU pair for Table 1's pattern: the shipped 2,048-token Shakespeare BPE
+                                  (`data.tokenizer='shakespeare_bpe2k'`, trained on the train plays only; the
+                                  head is ~18% of the FLOPs, not 95%), 4 layers × 128 (attention: 4 rotary
+                                  heads; BaseConv: kernels 3 / long implicit), GLU ×2, 0.92M parameters;
+                                  rows of 1,024 tokens (more in-row repeats to recall), batch 4, 480 steps
+                                  (1.97M tokens, 1.2 epochs), lr 3e-3; validation on all 230 rows (118k tokens)
   attention_125m, base_conv_125m  12 layers × 768 (the paper's 125M size): attention with 12 heads, rotary
                                   positions and a 4× MLP (GPT-2-small shape, 124M with the tied 50,304-token
                                   embedding); BaseConv alternating kernels 3 and long implicit over the layers, same MLP
@@ -52,6 +58,15 @@ TINY_BASE_CONV = dict(TINY_ATTENTION, mixer=base_conv_mixer(2))
 TINY_TRAIN = dict(steps=120, batch_size=8, eval_batch_size=32, eval_every_steps=60, eval_max_rows=192,
                   learning_rate=3e-3, warmup_steps=12, log_every_steps=10, checkpoint_every_steps=60)
 
+# The CPU pair for Table 1's pattern (module docstring): the shipped 2,048-token Shakespeare BPE, so the head
+# is a small part of the FLOPs and the tokens go to 4 layers × 128 with 4 rotary heads (induction needs 2+).
+CPU_DATA = dict(seq_len=1024, tokenizer="shakespeare_bpe2k")
+CPU_ATTENTION = dict(TINY_ATTENTION, d_model=128, n_layers=4,
+                     mixer=dict(name="attention", num_heads=4, rotary=True))
+CPU_BASE_CONV = dict(CPU_ATTENTION, mixer=base_conv_mixer(4))
+CPU_TRAIN = dict(steps=480, batch_size=4, eval_batch_size=16, eval_every_steps=160, eval_max_rows=0,
+                 learning_rate=3e-3, warmup_steps=24, log_every_steps=20, checkpoint_every_steps=160)
+
 
 # The paper-size presets' memory options (`zoo_jax.model`): per-block remat, a scan over the layers, the
 # loss's head and log-softmax in chunks of positions. experiments/bench_memory.py measures them.
@@ -71,6 +86,8 @@ def _big(d_model: int, n_layers: int, mixer: dict, learning_rate: float) -> dict
 PRESETS = {
     "attention": dict(data=dict(seq_len=256), model=TINY_ATTENTION, train=TINY_TRAIN),
     "base_conv": dict(data=dict(seq_len=256), model=TINY_BASE_CONV, train=TINY_TRAIN),
+    "attention_cpu": dict(data=CPU_DATA, model=CPU_ATTENTION, train=CPU_TRAIN),
+    "base_conv_cpu": dict(data=CPU_DATA, model=CPU_BASE_CONV, train=CPU_TRAIN),
     "attention_125m": _big(768, 12, dict(name="attention", num_heads=12, rotary=True), 6e-4),
     "base_conv_125m": _big(768, 12, base_conv_mixer(12), 6e-4),
     "attention_360m": _big(1024, 24, dict(name="attention", num_heads=16, rotary=True), 3e-4),
