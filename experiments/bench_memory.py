@@ -21,11 +21,28 @@ sharded / 8): the GiB one device needs at 256 / 8 = 32 examples (and at 16, two 
 per head); where the attention mixer has a blockwise implementation (`zoo_jax.ops.attention`,
 FlashAttention-2 in plain JAX), a third row 'new+bw' is the new path with it; its FLOPs are undercounted
 (the blockwise op's own fori_loop body is counted once).
+
+`--fsdp=N` (N > 1) compiles the presets' `new` step itself sharded as `experiments/lm.py` shards it, on a
+(data 1, fsdp N) mesh of N devices (N simulated CPU devices: the flag sets
+XLA_FLAGS=--xla_force_host_platform_device_count=N before jax is imported) with `sharding.LOGICAL_RULES`
+(parameters' embed axis and the optimizer state split over fsdp, the batch over fsdp), at the paper's
+global batch of 256 (`--batch_size` is ignored), and prints XLA's per-device bytes: arguments (parameters,
+AdamW state, tokens), temporaries, and their sum against 80 GB:
+
+  python experiments/bench_memory.py --fsdp=8 --presets=attention_360m,base_conv_360m
 """
 
+import contextlib
 import dataclasses
 import os
+import sys
 import time
+
+if __name__ == "__main__":  # simulated CPU devices for --fsdp=N: must be set before jax is imported
+  _fsdp_arg = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--fsdp=")), "1")
+  if _fsdp_arg.isdigit() and int(_fsdp_arg) > 1:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={int(_fsdp_arg)}").strip()
 
 from absl import app
 from absl import flags
@@ -34,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from zoo_jax import tasks
+from zoo_jax import sharding, tasks
 from zoo_jax.configs import lm as lm_configs
 from zoo_jax.model import LanguageModel, ModelConfig
 
@@ -42,6 +59,8 @@ _PRESETS = flags.DEFINE_list("presets", list(lm_configs.PRESETS), "LM presets of
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "Sequence length.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Examples per compiled step.")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype.")
+_FSDP = flags.DEFINE_integer("fsdp", 1, "N > 1: the `new` step compiled sharded over a (data 1, fsdp N) mesh "
+                             "at global batch 256; per-device bytes.", lower_bound=1)
 
 TODAY = dict(remat="none", scan_layers=False, loss_chunk=0)
 GiB = 2**30
@@ -66,24 +85,36 @@ def model_config(preset: str, options: dict, seq_len: int, dtype: str) -> ModelC
   return ModelConfig.from_config(model, vocab_size=50_304, seq_len=seq_len)
 
 
-def compiled_step(cfg: ModelConfig, batch: int):
-  """The compiled train step of `cfg` on abstract arguments, and the parameter + optimizer bytes."""
+def compiled_step(cfg: ModelConfig, batch: int, mesh: jax.sharding.Mesh | None = None):
+  """The compiled train step of `cfg` on abstract arguments, and the parameter count. With `mesh`, sharded
+  as the trainer shards it: parameters by their logical axes (`sharding.LOGICAL_RULES`), the AdamW state
+  like its parameters, the batch over data × fsdp."""
   abstract = nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0)))
-  graphdef, params = nnx.split(abstract, nnx.Param)
-  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  graphdef, state = nnx.split(abstract, nnx.Param)
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.to_pure_dict())
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(6e-4, weight_decay=0.1))
   opt = jax.eval_shape(tx.init, params)
+  shardings = {}
+  if mesh is not None:
+    param_sh = sharding.param_shardings(nnx.get_partition_spec(state).to_pure_dict(), params, mesh)
+    rep = sharding.replicated(mesh)
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt, param_sh, transform_non_params=lambda _: rep)
+    shardings = dict(in_shardings=(param_sh, opt_sh, sharding.batch_sharding(mesh)),
+                     out_shardings=(param_sh, opt_sh, rep))
 
   def loss_fn(p, tokens_bl):
     return -jnp.mean(tasks.token_logprobs(nnx.merge(graphdef, p), tokens_bl))
 
   def step(p, o, tokens_bl):
-    loss, grads = jax.value_and_grad(loss_fn)(p, tokens_bl)
+    # As the trainer's step: under FSDP the activations are split by batch (sharding.activation_mesh).
+    with (sharding.activation_mesh(sharding.batch_sharding(mesh)) if mesh is not None
+          else contextlib.nullcontext()):
+      loss, grads = jax.value_and_grad(loss_fn)(p, tokens_bl)
     updates, o = tx.update(grads, o, p)
     return optax.apply_updates(p, updates), o, loss
 
   tokens = jax.ShapeDtypeStruct((batch, cfg.seq_len), jnp.int32)
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt, tokens).compile()
+  compiled = jax.jit(step, donate_argnums=(0, 1), **shardings).lower(params, opt, tokens).compile()
   n_params = sum(x.size for x in jax.tree.leaves(params))
   return compiled, n_params
 
@@ -113,8 +144,33 @@ def fits(need: float) -> str:
   return "yes" if need <= DEVICE_BYTES else "no"
 
 
+def main_fsdp(n: int) -> None:
+  """Each preset's `new` step sharded over (data 1, fsdp n) at global batch 256: XLA's bytes per device."""
+  if jax.device_count() < n:
+    raise app.UsageError(f"--fsdp={n} needs {n} devices, found {jax.device_count()}")
+  mesh = sharding.make_mesh(data=1, fsdp=n, devices=jax.devices()[:n])
+  print(f"one train step, L={_SEQ_LEN.value}, {_DTYPE.value} compute, float32 parameters + AdamW, global batch "
+        f"{PAPER_BATCH} ({PAPER_BATCH // n} per device), compiled on {n} {jax.devices()[0].platform} devices, "
+        f"mesh {dict(mesh.shape)}, memory options {lm_configs.MEMORY}")
+  print(f"load average at start: {os.getloadavg()[0]:.1f}")
+  print(f"{'preset':<16}{'params':>8}{'args GiB/dev':>13}{'temp GiB/dev':>13}{'total GiB/dev':>14}"
+        f"{'unsharded args GiB':>19}{'fits 80 GB':>11}{'compile s':>10}")
+  for preset in _PRESETS.value:
+    cfg = model_config(preset, paths(preset)["new"], _SEQ_LEN.value, _DTYPE.value)
+    t0 = time.perf_counter()
+    compiled, n_params = compiled_step(cfg, PAPER_BATCH, mesh)
+    m = compiled.memory_analysis()
+    args, temp = m.argument_size_in_bytes, m.temp_size_in_bytes
+    print(f"{preset:<16}{n_params / 1e6:>7.0f}M{args / GiB:>13.2f}{temp / GiB:>13.2f}{(args + temp) / GiB:>14.2f}"
+          f"{3 * 4 * n_params / GiB:>19.2f}{fits(args + temp):>11}{time.perf_counter() - t0:>10.0f}", flush=True)
+  print(f"load average at end: {os.getloadavg()[0]:.1f}")
+
+
 def main(argv):
   del argv
+  if _FSDP.value > 1:
+    main_fsdp(_FSDP.value)
+    return
   new = lm_configs.MEMORY
   print(f"one train step, L={_SEQ_LEN.value}, {_DTYPE.value} compute, float32 parameters + AdamW, "
         f"compiled on {jax.devices()[0].platform} for {_BATCH.value} examples; new = {new}")

@@ -66,7 +66,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from zoo_jax import layers, mixers
+from zoo_jax import layers, mixers, sharding
 
 STATE_MIXERS = ("none", "mlp", "glu")
 BLOCKS = ("zoology", "prenorm", "mamba")
@@ -211,7 +211,7 @@ class LanguageModel(nnx.Module):
         x_bld = x_bld + self.pos_embed(jnp.arange(tokens_bl.shape[1]))[None]
       else:
         x_bld = x_bld + self.pos_embed(t_b[:, None] + jnp.arange(tokens_bl.shape[1])[None])
-    return x_bld
+    return sharding.constrain_batch(x_bld)  # FSDP: the batch, not the width, split (sharding.activation_mesh)
 
   def init_state(self, batch_size: int) -> dict[str, Any]:
     """{'blocks': [layer i's mixer state], 't': (b,) int32 positions seen}: nothing seen yet."""

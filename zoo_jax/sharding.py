@@ -8,7 +8,9 @@ one is split over. A dimension that the mesh axis does not divide is replicated 
 a large `model` axis), so every config runs on every mesh.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+import contextlib
+import functools
 from typing import Any
 
 import jax
@@ -88,6 +90,40 @@ def batch_axes(mesh: jax.sharding.Mesh) -> str | tuple[str, ...]:
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.Sharding:
   return named(mesh, P(batch_axes(mesh)))
+
+
+def activation_mesh(batch: jax.sharding.Sharding):
+  """The context a jitted step traces its model in, given its batch sharding: the mesh (abstract) where the
+  batch is split over `fsdp`, so that `constrain_batch` splits activations by batch; otherwise no context.
+
+  Measured: without it XLA's partitioner follows the embedding's (vocab, embed/fsdp) layout and keeps the
+  activations split along the width with the whole batch on every device: the step of a 2-layer × 768 LM
+  at L = 256, 32 examples over (data 1, fsdp 8) held 4.97 GiB of temporaries per device against 0.94 GiB
+  over (data 8) (XLA:CPU, jax 0.10.2); with it 0.84 GiB.
+  """
+  mesh = getattr(batch, "mesh", None)
+  if mesh is None or mesh.shape.get("fsdp", 1) == 1:
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def with_activation_mesh(fn: Callable, batch: jax.sharding.Sharding) -> Callable:
+  """`fn` traced under `activation_mesh(batch)`: what the trainer jits as its train and eval steps."""
+
+  @functools.wraps(fn)
+  def wrapped(*args):
+    with activation_mesh(batch):
+      return fn(*args)
+
+  return wrapped
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """x with its leading (batch) axis split over data × fsdp, inside `activation_mesh`; elsewhere x itself."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.shape.get("fsdp", 1) == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(batch_axes(mesh)))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.Sharding:

@@ -230,8 +230,9 @@ def make_train_step(task, graphdef, tx, unit: optax.Schedule, sh: Shardings):
         state["params"], state["opt_state"], state["step"], active_p, batch_p)
     return dict(state, params=params, opt_state=opt_state, step=state["step"] + 1), metrics
 
-  return jax.jit(train_step, in_shardings=(sh.state, sh.member, sh.batch),
-                 out_shardings=(sh.state, sh.member), donate_argnums=(0,))
+  return jax.jit(sharding.with_activation_mesh(train_step, sh.batch),  # FSDP: activations split by batch
+                 in_shardings=(sh.state, sh.member, sh.batch), out_shardings=(sh.state, sh.member),
+                 donate_argnums=(0,))
 
 
 def make_eval_step(task, graphdef, sh: Shardings):
@@ -240,7 +241,8 @@ def make_eval_step(task, graphdef, sh: Shardings):
   def eval_step(params_p, batch_p):
     return over_population(lambda p, b: task.eval_sums(nnx.merge(graphdef, p), b), sh.population)(params_p, batch_p)
 
-  return jax.jit(eval_step, in_shardings=(sh.state["params"], sh.batch), out_shardings=sh.member)
+  return jax.jit(sharding.with_activation_mesh(eval_step, sh.batch), in_shardings=(sh.state["params"], sh.batch),
+                 out_shardings=sh.member)
 
 
 def make_keep_best(sh: Shardings):

@@ -20,7 +20,14 @@ The argument after the colon picks a preset of `PRESETS`:
   attention_125m, base_conv_125m  12 layers × 768 (the paper's 125M size): attention with 12 heads, rotary
                                   positions and a 4× MLP (GPT-2-small shape, 124M with the tied 50,304-token
                                   embedding); BaseConv alternating kernels 3 and long implicit over the layers, same MLP
-  attention_360m, base_conv_360m  24 layers × 1024 (GPT-2-medium shape, ~355M): the paper's 360M size
+  attention_360m, base_conv_360m  24 layers × 1024 (GPT-2-medium shape, ~355M): the paper's 360M size;
+                                  FSDP over one 8-device node (mesh.fsdp = 8, data = -1: more nodes add data
+                                  parallelism; on another device count set --config.mesh.fsdp to a divisor
+                                  of it). An 8-device node gets 1/8 of the parameters, gradients and AdamW
+                                  state (0.50 / 0.39 GiB of arguments per device) and 32 of the 256 rows:
+                                  12.3 / 14.1 GiB of XLA temporaries per device (attention on its 'xla' path,
+                                  L × L scores; `experiments/bench_memory.py --fsdp=8`, compiled for 8
+                                  simulated CPU devices), far under 80 GB
 The big presets train on rows of 1,024 tokens, global batch 256 (0.26M tokens per step), 20,000 steps ≈
 5B tokens (the paper's token budget), lr 6e-4 (125M) / 3e-4 (360M) with 1% warmup and cosine decay.
 Measured (tiny pair, 2 CPU cores shared with 4 other jobs): `experiments/bench_lm.py --seq_len=256
@@ -72,6 +79,10 @@ CPU_TRAIN = dict(steps=480, batch_size=4, eval_batch_size=16, eval_every_steps=1
 # loss's head and log-softmax in chunks of positions. experiments/bench_memory.py measures them.
 MEMORY = dict(remat="full", scan_layers=True, loss_chunk=256)
 
+# The 360M presets' mesh: parameters, gradients and AdamW state split over the 8 devices of a node (FSDP),
+# the batch over all devices (module docstring).
+FSDP_360M = dict(data=-1, fsdp=8, model=1)
+
 
 def _big(d_model: int, n_layers: int, mixer: dict, learning_rate: float) -> dict:
   return dict(
@@ -90,8 +101,9 @@ PRESETS = {
     "base_conv_cpu": dict(data=CPU_DATA, model=CPU_BASE_CONV, train=CPU_TRAIN),
     "attention_125m": _big(768, 12, dict(name="attention", num_heads=12, rotary=True), 6e-4),
     "base_conv_125m": _big(768, 12, base_conv_mixer(12), 6e-4),
-    "attention_360m": _big(1024, 24, dict(name="attention", num_heads=16, rotary=True), 3e-4),
-    "base_conv_360m": _big(1024, 24, base_conv_mixer(24), 3e-4),
+    "attention_360m": dict(_big(1024, 24, dict(name="attention", num_heads=16, rotary=True), 3e-4),
+                           mesh=FSDP_360M),
+    "base_conv_360m": dict(_big(1024, 24, base_conv_mixer(24), 3e-4), mesh=FSDP_360M),
 }
 
 
