@@ -111,6 +111,8 @@ if __name__ == "__main__":  # flags of the command line only: accelerator_check.
   _BATCH_SCALE = flags.DEFINE_integer("batch_scale", 1, "Divide Zoology's batch sizes by this.", lower_bound=1)
   _QUICK = flags.DEFINE_bool("quick", False, f"Smoke run: {QUICK} (flags given explicitly win).")
   _TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch port of Zoology's step, if torch imports.")
+  _FULL_HEAD = flags.DEFINE_bool("full_head", True, "Also time the full-head variant (--nofull_head: only "
+                                 "zoo_jax and torch, for a shorter run).")
   _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads; 0: the CPU cores this "
                                         "process may use.", lower_bound=0)
   _TORCH_ATTENTION = flags.DEFINE_enum("torch_attention", "sdpa", ["sdpa", "zoology"],
@@ -334,10 +336,12 @@ def format_table(rows: list[dict], with_torch: bool) -> str:
       cells += [""] * (len(header) - len(cells))
     else:
       cells = [r["mixer"], str(r["d_model"]), str(r["seq_len"]), str(r["kv"]), str(r["batch"]),
-               _fmt_int(r["params"]), f"{r['zoo_jax_ms']:.0f}", _fmt_int(r["zoo_jax_tok_s"]),
-               f"{r['full_head_ms']:.0f}", _fmt_int(r["full_head_tok_s"]),
-               f"{r['zoo_jax_tok_s'] / r['full_head_tok_s']:.2f}x",
-               f"{r['gflop']:.3g} / {r['gflop_full']:.3g}"]
+               _fmt_int(r["params"]), f"{r['zoo_jax_ms']:.0f}", _fmt_int(r["zoo_jax_tok_s"])]
+      if "full_head_ms" in r:
+        cells += [f"{r['full_head_ms']:.0f}", _fmt_int(r["full_head_tok_s"]),
+                  f"{r['zoo_jax_tok_s'] / r['full_head_tok_s']:.2f}x", f"{r['gflop']:.3g} / {r['gflop_full']:.3g}"]
+      else:
+        cells += ["–", "–", "–", f"{r['gflop']:.3g} / –"]
       if with_torch and "torch_ms" in r:
         cells += [f"{r['torch_ms']:.0f}", _fmt_int(r["torch_tok_s"]),
                   f"{r['zoo_jax_tok_s'] / r['torch_tok_s']:.2f}x"]
@@ -391,7 +395,8 @@ def main(argv):
                                                       _OMP_WAIT_POLICY_DEFAULTED else "")
                          for v in _THREAD_ENV if v in os.environ) or "none set"
   print(f"CPU: {_cores()} cores usable of {os.cpu_count()}; XLA:CPU intra-op pool = usable cores; "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; thread env vars: {thread_env}", flush=True)
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; thread env vars: {thread_env}; load average "
+        f"{os.getloadavg()}", flush=True)
   print(torch_note, flush=True)
   print(f"2 layers, vocab {VOCAB_SIZE}, Zoology batch sizes / {_BATCH_SCALE.value}; median of {_STEPS.value} "
         f"timed steps after {_WARMUP.value} warm-up steps, trainers interleaved", flush=True)
@@ -405,7 +410,7 @@ def main(argv):
         try:
           row = bench_one(mixer, d_model, seq_len, mesh, torch_ref, batch_scale=_BATCH_SCALE.value,
                           warmup=_WARMUP.value, steps=_STEPS.value, seed=_SEED.value,
-                          torch_attention=_TORCH_ATTENTION.value)
+                          torch_attention=_TORCH_ATTENTION.value, full_head=_FULL_HEAD.value)
         except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: report, go on)
           row = dict(mixer=mixer, d_model=d_model, seq_len=seq_len, error=f"{type(e).__name__}: {e}"[:200])
         rows.append(row)
@@ -423,7 +428,7 @@ def main(argv):
 
   print()
   print(format_table(rows, with_torch=torch_ref is not None))
-  print(f"\ntotal {time.perf_counter() - start:.0f}s", flush=True)
+  print(f"\ntotal {time.perf_counter() - start:.0f}s; load average after {os.getloadavg()}", flush=True)
 
 
 if __name__ == "__main__":

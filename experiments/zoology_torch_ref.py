@@ -49,8 +49,10 @@ ATTENTION_IMPLS = ("sdpa", "zoology")
 class MHA(nn.Module):
 
   def __init__(self, d_model: int, num_heads: int = 1, bias: bool = True, layer_idx: int | None = None,
-               attention_impl: str = "sdpa"):
+               attention_impl: str = "sdpa", window: int | None = None):
+    """`window` w: Zoology's `SlidingAttn` (block_size w), query i sees keys i − w .. i."""
     super().__init__()
+    self.window = window
     assert d_model % num_heads == 0
     if attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
@@ -64,19 +66,27 @@ class MHA(nn.Module):
     b, l, d = x.shape
     qkv = self.Wqkv(x).view(b, l, 3, self.num_heads, self.head_dim)  # "... (three h d) -> ... three h d"
     if self.attention_impl == "zoology":
-      y = _zoology_self_attention(qkv)
+      y = _zoology_self_attention(qkv, self.window)
     else:
       q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # (b, h, l, dh)
-      y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+      if self.window is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+      else:
+        dist = torch.arange(l)[:, None] - torch.arange(l)[None]
+        band = (dist >= 0) & (dist <= self.window)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=band.to(x.device)).transpose(1, 2)
     return self.out_proj(y.reshape(b, l, d))
 
 
-def _zoology_self_attention(qkv: torch.Tensor) -> torch.Tensor:
-  """Zoology's `SelfAttention.forward` without dropout: qkv (b, l, 3, h, dh) -> (b, l, h, dh)."""
+def _zoology_self_attention(qkv: torch.Tensor, window: int | None = None) -> torch.Tensor:
+  """Zoology's `SelfAttention.forward` without dropout: qkv (b, l, 3, h, dh) -> (b, l, h, dh); with `window`
+  w, its `SlidingAttn`'s extra −10000 on the keys j < i − w."""
   seqlen = qkv.shape[1]
   q, k, v = qkv.unbind(dim=2)
   scores = torch.einsum("bthd,bshd->bhts", q, k * (1.0 / math.sqrt(q.shape[-1])))
   causal_mask = torch.triu(torch.full((seqlen, seqlen), -10000.0, device=scores.device), 1)
+  if window is not None:
+    causal_mask = causal_mask + torch.tril(torch.full_like(causal_mask, -10000.0), -window - 1)
   attention = torch.softmax(scores + causal_mask.to(dtype=scores.dtype), dim=-1, dtype=v.dtype)
   return torch.einsum("bhts,bshd->bthd", attention, v)
 
@@ -169,7 +179,7 @@ class BaseConv(nn.Module):
     return u_conv * u_proj + u
 
 
-PORTED = ("attention", "base_conv", "hybrid")
+PORTED = ("attention", "sliding_window", "base_conv", "hybrid")
 
 
 def has_port(cfg: Mapping[str, Any]) -> bool:
@@ -187,6 +197,9 @@ def build_mixer(cfg: Mapping[str, Any], *, d_model: int, l_max: int, layer_idx: 
   name = cfg.pop("name")
   if name == "attention":
     return MHA(d_model, num_heads=cfg.get("num_heads", 1), layer_idx=layer_idx, attention_impl=attention_impl)
+  if name == "sliding_window":
+    return MHA(d_model, num_heads=cfg.get("num_heads", 1), layer_idx=layer_idx, attention_impl=attention_impl,
+               window=cfg.get("window_size", 64))
   if name == "base_conv":
     return BaseConv(d_model, l_max, kernel_size=cfg.get("kernel_size", 3), layer_idx=layer_idx,
                     implicit_long_conv=cfg.get("implicit_long_conv", True), use_act=cfg.get("use_act", False))
