@@ -41,6 +41,11 @@ State: the delta-rule state, H·k·v = expand_v·d²/H elements, plus the conv w
 first; the recurrent form cannot drop the second). `__call__(x, state=..., return_state=True)` continues
 from such a state (prefill → decode): the conv window is prepended to the conv's input, the chunked rule
 starts from S, and the state after x is the last conv_size − 1 conv inputs and the final chunk state.
+
+Sharding: the fused in_proj kernel is replicated over the mesh's `model` axis (logical
+axes (embed, None)): its parts have unequal widths and the short conv runs over them before the split,
+so a split of its columns would cut across q, k and v (`layers.FusedLinear` is the layout of the
+mixers whose parts split evenly).
 """
 
 import dataclasses

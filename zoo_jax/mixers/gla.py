@@ -42,6 +42,11 @@ State: one k × v matrix per head, K·V/H elements per example, plus with use_sh
 `__call__(x, state=..., return_state=True)` continues from such a state (prefill → decode): the conv
 window is prepended to the conv's input, the chunked recurrence starts from S (`ops.chunked_gla.chunked`'s
 initial state), and the state after x is its final chunk state and the last conv_size − 1 conv inputs.
+
+Sharding: the fused qkv_proj kernel is replicated over the mesh's `model` axis (logical
+axes (embed, None)): its parts have unequal widths and the short conv runs over them before the split,
+so a split of its columns would cut across q, k and v (`layers.FusedLinear` is the layout of the
+mixers whose parts split evenly).
 """
 
 import dataclasses

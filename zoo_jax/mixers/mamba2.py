@@ -49,6 +49,11 @@ State: the SSM state H·n·p = e·n and the conv window (e + 2·g·n)·(d_conv �
 window (the last inputs x | B | C before the conv) is prepended to the conv's input, the chunked SSD
 starts from the SSM state (`ops.chunked_gla.chunked`'s initial state), and the state after u is its
 final chunk state and the last d_conv − 1 conv inputs.
+
+Sharding: the fused in_proj (z | x | B | C | δ) kernel is replicated over the mesh's `model` axis (logical
+axes (embed, None)): its parts have unequal widths and the short conv runs over x | B | C before their
+split, so a split of its columns would cut across the parts (`layers.FusedLinear` is the layout of the
+mixers whose parts split evenly).
 """
 
 import dataclasses
