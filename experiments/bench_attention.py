@@ -12,7 +12,10 @@ is printed before and after. Each call is one mixer layer (float32, Zoology's pr
 forward + backward: the gradient of Σ out ⊙ r (r a fixed random cotangent) in the parameters and the input.
 
 1. Train step at Zoology's Figure-2 attention shape: `attention` (1 head) at d_model 256, L 512, batch
-   --batch, implementation 'xla' against 'blockwise'. `xla / blockwise` > 1: blockwise is faster.
+   --batch, implementation 'xla' against 'blockwise'. `xla / blockwise` > 1: blockwise is faster. Also
+   XLA's cost analysis of both compiled steps: their FLOP ratio is the speed-up to expect at equal FLOP
+   rates (the projections are the same in both; blockwise skips the masked blocks but recomputes the
+   scores in the backward).
 2. Local attention at O(L·w): `sliding_window` w 64 at L 2,048, d_model 256, batch --batch // 4, against
    full `attention` at the same shape: both with 'xla' (today: the window is only a mask) and with
    'blockwise' (the band of key blocks within reach). `attention / sliding_window` is how much cheaper the
@@ -95,11 +98,15 @@ def main(argv):
         f"one untimed call, interleaved", flush=True)
 
   print(f"\n1. attention train step, d_model 256, L {l1}, 1 head, batch {batch}")
-  calls = {}
+  calls, gflop = {}, {}
   for impl in ("xla", "blockwise"):
-    calls[f"attention {impl}"] = train_fn({"name": "attention", "implementation": impl}, 256, l1, batch,
-                                          _SEED.value)[1]
+    step, calls[f"attention {impl}"], args = train_fn({"name": "attention", "implementation": impl}, 256, l1,
+                                                      batch, _SEED.value)
+    gflop[impl] = step.lower(*args).compile().cost_analysis()["flops"] / 1e9
   report(time_interleaved(calls, reps), "attention xla")
+  print(f"  XLA cost analysis: xla {gflop['xla']:,.1f} GFLOP, blockwise {gflop['blockwise']:,.1f} GFLOP: "
+        f"{gflop['xla'] / gflop['blockwise']:.2f}x fewer (the speed-up at equal FLOP rates; the blockwise "
+        f"backward recomputes the scores)", flush=True)
 
   b2 = max(1, batch // 4)
   print(f"\n2. sliding_window w 64 against full attention, d_model 256, L {l2}, 1 head, batch {b2}")
