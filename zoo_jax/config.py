@@ -59,7 +59,10 @@ def defaults() -> ml_collections.ConfigDict:
   )
   c.model = dict(
       d_model=64, n_layers=2, mixer=dict(name="attention"), state_mixer="none", state_mixer_hidden_mult=4,
-      block="zoology", learned_positions=False, dtype="float32", remat="none", scan_layers=False, loss_chunk=0)
+      block="zoology", learned_positions=False, dtype="float32", remat="none", scan_layers=False,
+      loss_chunk=0,
+      # Training dropout (`zoo_jax.model`): 0, not Zoology's embed 0.1 (configs.figure2.ZOOLOGY_DROPOUT).
+      embed_dropout=0.0, resid_dropout=0.0)
   c.train = dict(
       epochs=64,
       batch_size=512,
@@ -96,7 +99,8 @@ def lm_defaults() -> ml_collections.ConfigDict:
   c.model = dict(
       d_model=128, n_layers=2, mixer=dict(name="attention", num_heads=2, rotary=True), state_mixer="glu",
       state_mixer_hidden_mult=2, block="prenorm", learned_positions=False, dtype="float32", remat="none",
-      scan_layers=False, loss_chunk=0)  # memory options (remat, scan, chunked loss): `zoo_jax.model`
+      scan_layers=False, loss_chunk=0,  # memory options (remat, scan, chunked loss): `zoo_jax.model`
+      embed_dropout=0.0, resid_dropout=0.0)  # training dropout, off (`zoo_jax.model`)
   c.train = dict(
       steps=300,
       batch_size=16,
@@ -178,6 +182,8 @@ class Model(_Strict):
   remat: Literal[tuple(model_lib.REMAT)] = "none"
   scan_layers: bool = False
   loss_chunk: NonNegative = 0  # positions per chunk of the LM loss; 0: unchunked
+  embed_dropout: float = pydantic.Field(0.0, ge=0, lt=1)  # training only; Zoology's default is 0.1
+  resid_dropout: float = pydantic.Field(0.0, ge=0, lt=1)
 
 
 class Train(_Strict):

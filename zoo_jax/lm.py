@@ -25,8 +25,10 @@ bigram_counts.npz (bigram counts of exactly the rows trained on: the loader repl
 
 Differences from the paper's Pile runs (Zoology's `train.py` on the Pile, via the `safari` codebase's
 pipeline): documents are packed into non-overlapping rows with <|endoftext|> between them (as there);
-no dropout; AdamW decays every parameter (as zoo_jax's MQAR trainer); model selection by validation
-perplexity, evaluated every `train.eval_every_steps`.
+no dropout by default (`model.embed_dropout`, `model.resid_dropout` and attention's `dropout` are
+available, `zoo_jax.model`; whether the paper's Pile runs used dropout is not checked here); AdamW decays
+every parameter (as zoo_jax's MQAR trainer); model selection by validation perplexity, evaluated every
+`train.eval_every_steps`.
 """
 
 import json

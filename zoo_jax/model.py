@@ -15,16 +15,34 @@ are comparable with the paper (its MQAR runs have no MLP); `prenorm` is the conv
 
 Dimension legend: b batch, l sequence length, d model width, v vocabulary, k labelled positions per example.
 
-Differences from Zoology's `LanguageModel`: zoo_jax trains without dropout or stochastic depth, and Zoology
-does use dropout in its MQAR runs. Its `ModelConfig` (`zoology/config.py` at 0a76ef2, lines 88-90) defaults
-`embed_dropout = 0.1`, `resid_dropout = 0.0`, `drop_path = 0.0`; `TransformerBlock` applies
-`nn.Dropout(embed_dropout if layer_idx == 0 else resid_dropout)` to its input (`zoology/model.py` at
-0cd64f8, line 113), i.e. dropout 0.1 on the embeddings; and the Figure-2 configs
-(`zoology/experiments/iclr24_zoology_figure2/configs.py`, lines 55-61) keep that default and give attention
-`MHA(dropout=0.1)`, on the attention probabilities. Dropout is not implemented here (it would need dropout
-rngs through the trainer), so zoo_jax's runs are the dropout-free variant of Zoology's. Also: the LM head
-can be applied at chosen positions only (`logits_at`), which is where MQAR's loss lives. The state mixers
-'mlp' and 'glu' are Zoology's `MLP` and `GLU` (exact GELU, see `layers.py`).
+Dropout (issue 19), as Zoology's `LanguageModel` places it, training only, all rates 0 by default (so
+zoo_jax's runs, numbers and parameter trees are unchanged unless a config sets them):
+  embed_dropout   on the embeddings (token + learned positions), i.e. on layer 0's input;
+  resid_dropout   on the output of every residual branch before it is added: the mixer's, and the state
+                  mixer's (the zoology block's LN2(x) term when the state mixer is 'none');
+  model.mixer.dropout   attention's, on the softmax probabilities (`zoo_jax.mixers.attention`).
+Zoology's `TransformerBlock` carries the residual separately: `dropout1 = nn.Dropout(embed_dropout if
+layer_idx == 0 else resid_dropout)` acts on the block's input `hidden_states` (layer 0: the embeddings;
+later layers: the previous block's state-mixer output, the branch, not the residual sum), `dropout2 =
+nn.Dropout(resid_dropout)` on the sequence mixer's output, and `LMBackbone.drop_f =
+nn.Dropout(resid_dropout)` on the last block's output (`zoology/model.py` at 0cd64f8: `TransformerBlock`
+lines 113-130, `drop_f` lines 155 and 167); in zoo_jax's single-stream blocks that is the placement above.
+Zoology's `ModelConfig` defaults `embed_dropout = 0.1`, `resid_dropout = 0.0`, `drop_path = 0.0`
+(`zoology/config.py` at 0a76ef2, lines 88-90), so its runs drop only the embeddings, and its Figure-2
+configs also give attention `MHA(dropout=0.1)`
+(`zoology/experiments/iclr24_zoology_figure2/configs.py` at 0c59e61, lines 55-61):
+`zoo_jax.configs.figure2.ZOOLOGY_DROPOUT`. Zoology's `MambaBlock` has no dropout (its Mamba runs drop
+nothing: resid 0); here the rates apply to every block type. Stochastic depth (`drop_path`, 0 in Zoology's
+runs) is not implemented.
+
+Randomness is stateless: the training forward takes `dropout_key` (the trainer derives it from the model's
+seed and the step, `zoo_jax.trainer.dropout_key`); the embeddings draw from fold_in(key, 0), layer i from
+fold_in(key, i + 1) (then 0: its mixer branch, 1: its state-mixer branch, 2: attention), in the loop, under
+remat and under `scan_layers` alike (the scan carries the layer index), so the three give the same masks.
+Without a key (evaluation, prefill, `step`, generation) nothing is dropped.
+
+Also: the LM head can be applied at chosen positions only (`logits_at`), which is where MQAR's loss lives.
+The state mixers 'mlp' and 'glu' are Zoology's `MLP` and `GLU` (exact GELU, see `layers.py`).
 
 Prefill → decode (issue 16). `init_state(b)` is the model's recurrent state: {'blocks': [each layer's mixer
 state, `mixer.init_state(b)`], 't': (b,) int32, the number of positions seen}. A hybrid's layer carries the
@@ -67,6 +85,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo_jax import layers, mixers, sharding
+from zoo_jax.mixers.attention import dropout
 
 STATE_MIXERS = ("none", "mlp", "glu")
 BLOCKS = ("zoology", "prenorm", "mamba")
@@ -91,6 +110,8 @@ class ModelConfig:
   remat: str = "none"
   scan_layers: bool = False
   loss_chunk: int = 0  # positions per chunk of the LM loss; 0: unchunked
+  embed_dropout: float = 0.0  # training only (module docstring); Zoology's default is 0.1
+  resid_dropout: float = 0.0  # on every residual branch's output, training only; Zoology's default 0.0
 
   @classmethod
   def from_config(cls, model_cfg: Any, *, vocab_size: int, seq_len: int) -> "ModelConfig":
@@ -130,6 +151,10 @@ class ModelConfig:
       raise ValueError(f"model.scan_layers must be true or false, got {self.scan_layers!r}")
     if not isinstance(self.loss_chunk, int) or isinstance(self.loss_chunk, bool) or self.loss_chunk < 0:
       raise ValueError(f"model.loss_chunk must be an integer >= 0 (0: unchunked), got {self.loss_chunk!r}")
+    for name in ("embed_dropout", "resid_dropout"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"model.{name} must be a number in [0, 1), got {value!r}")
     # Parses the mixer config (one-line errors naming the field) and checks every layer's hparams against
     # the width and length it gets (heads dividing d_model, a kernel_size list shorter than n_layers, ...)
     # at start-up, before anything is built.
@@ -159,24 +184,29 @@ class Block(nnx.Module):
     state_mixer_cls = {"none": None, "mlp": layers.MLP, "glu": layers.GLU}[cfg.state_mixer]
     self.state_mixer = state_mixer_cls and state_mixer_cls(
         d, cfg.state_mixer_hidden_mult, n_layers=cfg.n_layers, rngs=rngs, dtype=dtype)
+    self.resid_dropout = float(cfg.resid_dropout)
 
   def __call__(self, x_bld: jax.Array, tokens_bl: jax.Array | None = None, *, state: Any = None,
-               return_state: bool = False) -> jax.Array | tuple[jax.Array, Any]:
+               return_state: bool = False, dropout_key: jax.Array | None = None
+               ) -> jax.Array | tuple[jax.Array, Any]:
     """The block on (b, l, d). With `state` (the mixer's, like `init_state(b)`) the mixer continues from it;
-    with `return_state` the result is (x_bld, the mixer's state after these l positions)."""
+    with `return_state` the result is (x_bld, the mixer's state after these l positions). `dropout_key`
+    (training forward only): this layer's key, for resid dropout and the mixer's own dropout."""
     if state is None and not return_state:  # training: exactly the stateless forward
-      x_bld = x_bld + mixers.apply(self.mixer, self.norm1(x_bld), tokens_bl)  # token ids if it reads them
-      return self._state_mixer(x_bld)
+      y_bld = mixers.apply(self.mixer, self.norm1(x_bld), tokens_bl,  # token ids if it reads them
+                           dropout_key=_fold(dropout_key, 2))
+      x_bld = x_bld + dropout(y_bld, self.resid_dropout, _fold(dropout_key, 0))
+      return self._state_mixer(x_bld, _fold(dropout_key, 1))
     y_bld, state = mixers.apply(self.mixer, self.norm1(x_bld), tokens_bl, state=state, return_state=True)
     x_bld = self._state_mixer(x_bld + y_bld)
     return (x_bld, state) if return_state else x_bld
 
-  def _state_mixer(self, x_bld: jax.Array) -> jax.Array:
+  def _state_mixer(self, x_bld: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
     """The second half of the block; acts on the last axis only, so on (b, l, d) and (b, d) alike."""
     if self.state_mixer is not None:
-      x_bld = x_bld + self.state_mixer(self.norm2(x_bld))
+      x_bld = x_bld + dropout(self.state_mixer(self.norm2(x_bld)), self.resid_dropout, dropout_key)
     elif self.norm2 is not None:  # Zoology's block with an Identity state mixer
-      x_bld = x_bld + self.norm2(x_bld)
+      x_bld = x_bld + dropout(self.norm2(x_bld), self.resid_dropout, dropout_key)
     return x_bld
 
   def init_state(self, batch_size: int) -> Any:
@@ -202,6 +232,9 @@ class LanguageModel(nnx.Module):
         embedding_init=layers.logical(layers.normal(), (None, "embed"))) if cfg.learned_positions else None
     self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
     self.final_norm = nnx.LayerNorm(cfg.d_model, epsilon=LN_EPS, dtype=self.dtype, rngs=rngs)
+    # Whether a training forward draws any dropout mask (the trainer passes a key only then).
+    self.uses_dropout = (cfg.embed_dropout > 0 or cfg.resid_dropout > 0
+                         or any(getattr(block.mixer, "dropout_rate", 0.0) > 0 for block in self.blocks))
 
   def embed_tokens(self, tokens_bl: jax.Array, t_b: jax.Array | None = None) -> jax.Array:
     """Token (+ learned position) embeddings; positions t_b..t_b+l-1 when given, else 0..l-1."""
@@ -218,20 +251,20 @@ class LanguageModel(nnx.Module):
     return dict(blocks=[block.init_state(batch_size) for block in self.blocks],
                 t=jnp.zeros((batch_size,), jnp.int32))
 
-  def hidden(self, tokens_bl: jax.Array, *, state: dict[str, Any] | None = None,
-             return_state: bool = False) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
+  def hidden(self, tokens_bl: jax.Array, *, state: dict[str, Any] | None = None, return_state: bool = False,
+             dropout_key: jax.Array | None = None) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
     """Final-norm hidden states (b, l, d), before the LM head; from `state` and with the state after these
-    positions as `__call__` describes."""
+    positions as `__call__` describes. `dropout_key`: the training forward's dropout (module docstring)."""
     if state is None and not return_state:  # training: the stateless forward
-      x_bld = self.embed_tokens(tokens_bl)
+      x_bld = dropout(self.embed_tokens(tokens_bl), self.cfg.embed_dropout, _fold(dropout_key, 0))
       if self.cfg.scan_layers:
-        x_bld = self._scanned_blocks(x_bld, tokens_bl)
+        x_bld = self._scanned_blocks(x_bld, tokens_bl, dropout_key)
       elif self.cfg.remat != "none":
-        for block in self.blocks:
-          x_bld = _remat_block(self.cfg.remat, *nnx.split(block), x_bld, tokens_bl)
+        for i, block in enumerate(self.blocks):
+          x_bld = _remat_block(self.cfg.remat, *nnx.split(block), x_bld, tokens_bl, _fold(dropout_key, i + 1))
       else:
-        for block in self.blocks:
-          x_bld = block(x_bld, tokens_bl)
+        for i, block in enumerate(self.blocks):
+          x_bld = block(x_bld, tokens_bl, dropout_key=_fold(dropout_key, i + 1))
       return self.final_norm(x_bld)
     b, l = tokens_bl.shape
     t_b = jnp.zeros((b,), jnp.int32) if state is None else state["t"]
@@ -254,33 +287,39 @@ class LanguageModel(nnx.Module):
       sigs.append((graphdef, treedef, [(x.shape, x.dtype) for x in leaves]))
     return next(p for p in range(1, n + 1) if n % p == 0 and all(sigs[i] == sigs[i + p] for i in range(n - p)))
 
-  def _scanned_blocks(self, x_bld: jax.Array, tokens_bl: jax.Array) -> jax.Array:
+  def _scanned_blocks(self, x_bld: jax.Array, tokens_bl: jax.Array, dropout_key: jax.Array | None = None
+                      ) -> jax.Array:
     """The blocks as a lax.scan over n_layers / p steps of p blocks, their parameters stacked per position
-    in the period (the same values as the loop; `remat` applies per block inside the step)."""
+    in the period (the same values as the loop; `remat` applies per block inside the step). Each step also
+    scans its layers' indices, so layer i's dropout key is the loop's, fold_in(key, i + 1)."""
     p = self.scan_period()
     split = [nnx.split(block) for block in self.blocks]
     graphdefs = [graphdef for graphdef, _ in split[:p]]
     stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *[state for _, state in split[j::p]]) for j in range(p)]
+    layer_sp = jnp.arange(len(self.blocks), dtype=jnp.int32).reshape(-1, p)
 
-    def unit(x_bld, states):
-      for graphdef, state in zip(graphdefs, states):
-        x_bld = _remat_block(self.cfg.remat, graphdef, state, x_bld, tokens_bl).astype(x_bld.dtype)
+    def unit(x_bld, xs):
+      states, layer_p = xs
+      for j, (graphdef, state) in enumerate(zip(graphdefs, states)):
+        x_bld = _remat_block(self.cfg.remat, graphdef, state, x_bld, tokens_bl,
+                             _fold(dropout_key, layer_p[j] + 1)).astype(x_bld.dtype)
       return x_bld, None
 
-    return jax.lax.scan(unit, x_bld, stacked)[0]
+    return jax.lax.scan(unit, x_bld, (stacked, layer_sp))[0]
 
   def head(self, h_bkd: jax.Array) -> jax.Array:
     """Tied LM head; logits in float32 whatever the compute dtype."""
     return jnp.einsum("bkd,vd->bkv", h_bkd, self.embed.embedding[...].astype(h_bkd.dtype),
                       preferred_element_type=jnp.float32)
 
-  def __call__(self, tokens_bl: jax.Array, state: dict[str, Any] | None = None,
-               return_state: bool = False) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
+  def __call__(self, tokens_bl: jax.Array, state: dict[str, Any] | None = None, return_state: bool = False,
+               *, dropout_key: jax.Array | None = None) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
     """Logits at every position, (b, l, v). Prefill: given `state` (like `init_state(b)`'s) the l tokens
     continue after the `state['t']` positions it has seen (every mixer from its own state, learned positions
-    offset by t; t + l ≤ seq_len); with `return_state`, (logits, the state after these tokens)."""
+    offset by t; t + l ≤ seq_len); with `return_state`, (logits, the state after these tokens).
+    `dropout_key`: the training forward's dropout (module docstring); None: none."""
     if state is None and not return_state:
-      return self.head(self.hidden(tokens_bl))
+      return self.head(self.hidden(tokens_bl, dropout_key=dropout_key))
     h_bld, state = self.hidden(tokens_bl, state=state, return_state=True)
     logits_blv = self.head(h_bld)
     return (logits_blv, state) if return_state else logits_blv
@@ -296,18 +335,25 @@ class LanguageModel(nnx.Module):
     logits_bv = self.head(self.final_norm(x_bd)[:, None])[:, 0]
     return dict(blocks=new_states, t=t_b + 1), logits_bv
 
-  def logits_at(self, tokens_bl: jax.Array, positions_bk: jax.Array) -> jax.Array:
+  def logits_at(self, tokens_bl: jax.Array, positions_bk: jax.Array, *,
+                dropout_key: jax.Array | None = None) -> jax.Array:
     """Logits only at `positions_bk` (b, k): MQAR labels k << l positions, and at Zoology's vocabulary of
     8192 the head is most of the FLOPs, so the head is applied after gathering those positions."""
-    h_bld = self.hidden(tokens_bl)
+    h_bld = self.hidden(tokens_bl, dropout_key=dropout_key)
     h_bkd = jnp.take_along_axis(h_bld, positions_bk[..., None], axis=1)
     return self.head(h_bkd)
 
 
-def _apply_block(graphdef: Any, state: Any, x_bld: jax.Array, tokens_bl: jax.Array) -> jax.Array:
+def _fold(key: jax.Array | None, data: Any) -> jax.Array | None:
+  """`jax.random.fold_in(key, data)`, or None without a key (no dropout)."""
+  return None if key is None else jax.random.fold_in(key, data)
+
+
+def _apply_block(graphdef: Any, state: Any, x_bld: jax.Array, tokens_bl: jax.Array,
+                 dropout_key: jax.Array | None = None) -> jax.Array:
   """A block's training forward as a function of its state (for jax.checkpoint and lax.scan)."""
   block = nnx.merge(graphdef, state)
-  y_bld = block(x_bld, tokens_bl)
+  y_bld = block(x_bld, tokens_bl, dropout_key=dropout_key)
   sown = nnx.state(block, nnx.Intermediate)
   if jax.tree.leaves(sown):
     raise ValueError("model.remat / model.scan_layers cannot carry a loss a layer sows (e.g. sparse_attention's "
@@ -315,8 +361,11 @@ def _apply_block(graphdef: Any, state: Any, x_bld: jax.Array, tokens_bl: jax.Arr
   return y_bld
 
 
-def _remat_block(remat: str, graphdef: Any, state: Any, x_bld: jax.Array, tokens_bl: jax.Array) -> jax.Array:
-  """`_apply_block`, under jax.checkpoint with `REMAT[remat]`'s policy unless remat is 'none'."""
+def _remat_block(remat: str, graphdef: Any, state: Any, x_bld: jax.Array, tokens_bl: jax.Array,
+                 dropout_key: jax.Array | None = None) -> jax.Array:
+  """`_apply_block`, under jax.checkpoint with `REMAT[remat]`'s policy unless remat is 'none' (the
+  backward's recomputation redraws the same dropout masks from the same key)."""
   if remat == "none":
-    return _apply_block(graphdef, state, x_bld, tokens_bl)
-  return jax.checkpoint(_apply_block, static_argnums=(0,), policy=REMAT[remat])(graphdef, state, x_bld, tokens_bl)
+    return _apply_block(graphdef, state, x_bld, tokens_bl, dropout_key)
+  return jax.checkpoint(_apply_block, static_argnums=(0,), policy=REMAT[remat])(graphdef, state, x_bld, tokens_bl,
+                                                                               dropout_key)

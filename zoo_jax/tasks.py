@@ -9,7 +9,8 @@ early, and the progress lines. The loop calls:
     total_steps, tokens_per_step             sizes of the run
     train_batches(start_step)                host batches (p, b, ...) from `start_step` on
     get_data_state() / set_data_state(s)     the data iterator's state, kept in checkpoints
-    loss(model, batch) -> (loss, sums)       one model, one batch: the loss to minimise and its sums
+    loss(model, batch[, dropout_key]) -> (loss, sums)   one model, one batch: the loss to minimise and its
+                                           sums; `dropout_key` (a model with dropout): the training forward's
     step_metrics(sums)                       task metrics of a train step (MQAR: accuracy)
     eval_sums(model, batch)                  one model, one evaluation batch
     eval_due(step), evaluate(...)            when and how validation runs: one result dict per model
@@ -63,10 +64,15 @@ def labelled_positions(labels_bl: jax.Array, k: int) -> tuple[jax.Array, jax.Arr
   return positions_bk, labels_bk, labels_bk != mqar.IGNORE_INDEX
 
 
-def mqar_sums(model, batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
-  """Sums over the batch: CE over labelled tokens, token count, per-example accuracy, example count."""
+def mqar_sums(model, batch: dict[str, jax.Array], k: int, dropout_key: jax.Array | None = None
+              ) -> dict[str, jax.Array]:
+  """Sums over the batch: CE over labelled tokens, token count, per-example accuracy, example count.
+  `dropout_key`: the training forward's dropout (`zoo_jax.model`); None (evaluation): none."""
   positions_bk, labels_bk, mask_bk = labelled_positions(batch["labels"], k)
-  logits_bkv = model.logits_at(batch["inputs"], positions_bk)
+  if dropout_key is None:
+    logits_bkv = model.logits_at(batch["inputs"], positions_bk)
+  else:
+    logits_bkv = model.logits_at(batch["inputs"], positions_bk, dropout_key=dropout_key)
   ce_bk = optax.softmax_cross_entropy_with_integer_labels(logits_bkv, jnp.where(mask_bk, labels_bk, 0))
   correct_bk = (jnp.argmax(logits_bkv, axis=-1) == labels_bk) & mask_bk
   n_labels_b = mask_bk.sum(axis=1)
@@ -139,8 +145,8 @@ class MQARTask:
     del state
 
   # Loss and metrics.
-  def loss(self, model, batch):
-    sums = mqar_sums(model, batch, self.k)
+  def loss(self, model, batch, dropout_key=None):
+    sums = mqar_sums(model, batch, self.k, dropout_key)
     return sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0), sums
 
   def step_metrics(self, sums):
@@ -211,16 +217,18 @@ class MQARTask:
 # ---------------------------------------------------------------------------------------------- LM
 
 
-def token_logprobs(model, tokens_bl: jax.Array) -> jax.Array:
+def token_logprobs(model, tokens_bl: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
   """log p(x_t | x_<t) for t = 1..l-1, (b, l-1) float32: the training loss is minus their mean, evaluation
   reports them. Logits are float32 (`LanguageModel.head`). With `model.cfg.loss_chunk` = c > 0 the head and
   the log-softmax run c positions at a time (a lax.map of a rematerialised chunk), so neither the forward
-  nor the backward holds the (b, l, vocab) float32 logits; the same numbers up to float32 round-off."""
+  nor the backward holds the (b, l, vocab) float32 logits; the same numbers up to float32 round-off.
+  `dropout_key`: the training forward's dropout (`zoo_jax.model`); None (evaluation): none."""
   chunk = getattr(getattr(model, "cfg", None), "loss_chunk", 0)
+  keyed = {} if dropout_key is None else dict(dropout_key=dropout_key)
   if not chunk:
-    logits_blv = model(tokens_bl)[:, :-1]
+    logits_blv = model(tokens_bl, **keyed)[:, :-1]
     return -optax.softmax_cross_entropy_with_integer_labels(logits_blv.astype(jnp.float32), tokens_bl[:, 1:])
-  h_bld = model.hidden(tokens_bl)[:, :-1]
+  h_bld = model.hidden(tokens_bl, **keyed)[:, :-1]
   b, l, d = h_bld.shape
   chunk = min(chunk, l)
   n = -(-l // chunk)
@@ -286,8 +294,8 @@ class LMTask:
     self.batches.set_state(state)
 
   # Loss and metrics.
-  def loss(self, model, batch):
-    logp_bl = token_logprobs(model, batch["tokens"])
+  def loss(self, model, batch, dropout_key=None):
+    logp_bl = token_logprobs(model, batch["tokens"], dropout_key)
     return -logp_bl.mean(), {}
 
   def step_metrics(self, sums):

@@ -23,6 +23,11 @@ validation result is better — is a *task* (`zoo_jax.tasks`). Nothing else diff
                                            points and every `checkpoint_every_steps`; resumes from the newest
                                            good checkpoint, data iterator included.
 
+Dropout (`model.embed_dropout`, `model.resid_dropout`, attention's `dropout`; all 0 by default) draws its
+masks from a key that is a pure function of the model's seed and the step, `dropout_key(seed, step)`: a
+resumed run draws the same masks, no RNG state is checkpointed, a model of a population draws what it would
+alone, and evaluation (no key) drops nothing. A model without dropout gets no key: its step is unchanged.
+
 Retired models (early stop, divergence) keep their slot in the population but their updates are masked
 (`jnp.where` over the parameters and moments), so a checkpoint never holds non-finite values and a retired
 model's best parameters are final. A population of one runs the one-model step itself, the axis squeezed
@@ -54,6 +59,16 @@ class NonFiniteLossError(RuntimeError):
 
 class SimulatedKill(RuntimeError):
   """Raised by the `kill_after_steps` test hook to stop a run abruptly, as a crash would."""
+
+
+# Folded into the seed's key first, so the dropout keys are not the keys `nnx.Rngs(seed)` drew for the
+# initialisation (fold_in(key(seed), n) for its n-th draw).
+DROPOUT_STREAM = 0x64726F70  # b"drop"
+
+
+def dropout_key(seed: Any, step: Any) -> jax.Array:
+  """The dropout key of model `seed` at optimizer step `step` (from 0): stateless, so resume-safe."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), DROPOUT_STREAM), step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +136,7 @@ class Shardings:
   member: jax.sharding.Sharding
   replicated: jax.sharding.Sharding
   population: int
+  seeds: tuple[int, ...] = ()  # the members' seeds, for their dropout keys (`dropout_key`)
 
 
 def init_state(model_cfg: ModelConfig, train_cfg: Any, members: list[Member], total_steps: int,
@@ -166,7 +182,8 @@ def init_state(model_cfg: ModelConfig, train_cfg: Any, members: list[Member], to
   step = jax.device_put(jnp.zeros((), jnp.int32), rep)
   state = dict(params=params, opt_state=opt_state, best_params=best_params, step=step)
   state_sh = dict(params=param_sh, opt_state=opt_sh, best_params=param_sh, step=rep)
-  return graphdef, state, Shardings(state_sh, batch_sh, member_sh, rep, len(members)), tx, unit
+  return graphdef, state, Shardings(state_sh, batch_sh, member_sh, rep, len(members),
+                                      tuple(int(m.seed) for m in members)), tx, unit
 
 
 # ---------------------------------------------------------------------------------------------- Steps
@@ -198,11 +215,16 @@ def auxiliary_loss(model: LanguageModel) -> jax.Array | None:
   return sum(jnp.asarray(leaf, jnp.float32) for leaf in leaves) if leaves else None
 
 
-def loss_and_metrics(task, graphdef, params, batch: dict[str, jax.Array]):
+def loss_and_metrics(task, graphdef, params, batch: dict[str, jax.Array],
+                     dropout_key: jax.Array | None = None):
   """(loss to minimise, metrics) of one model: the task's loss plus any auxiliary loss the layers sowed;
-  metrics hold the task's sums, `task_loss` and, if sown, `aux_loss`."""
+  metrics hold the task's sums, `task_loss` and, if sown, `aux_loss`. `dropout_key` reaches the task's loss
+  only for a model with dropout (`LanguageModel.uses_dropout`)."""
   model = nnx.merge(graphdef, params)
-  task_loss, sums = task.loss(model, batch)
+  if dropout_key is not None and getattr(model, "uses_dropout", False):
+    task_loss, sums = task.loss(model, batch, dropout_key=dropout_key)
+  else:
+    task_loss, sums = task.loss(model, batch)
   aux = auxiliary_loss(model)
   metrics = dict(sums, task_loss=task_loss)
   if aux is None:
@@ -212,10 +234,16 @@ def loss_and_metrics(task, graphdef, params, batch: dict[str, jax.Array]):
 
 def make_train_step(task, graphdef, tx, unit: optax.Schedule, sh: Shardings):
   """train_step(state, active_p, batch) -> (state, metrics (p,)): one step of every model of the population;
-  a model with active_p False keeps its parameters and optimizer state."""
+  a model with active_p False keeps its parameters and optimizer state. Each model's dropout key is
+  `dropout_key(its seed, step)` (`sh.seeds`)."""
+  if len(sh.seeds) != sh.population:
+    raise ValueError(f"Shardings.seeds must hold the population's {sh.population} seeds, got {sh.seeds!r}")
+  seeds_p = np.asarray(sh.seeds, np.int32)
 
-  def one_model(params, opt_state, step, active, batch):
-    (_, m), grads = jax.value_and_grad(lambda p: loss_and_metrics(task, graphdef, p, batch), has_aux=True)(params)
+  def one_model(params, opt_state, step, active, batch, seed):
+    key = dropout_key(seed, step)
+    (_, m), grads = jax.value_and_grad(lambda p: loss_and_metrics(task, graphdef, p, batch, key),
+                                       has_aux=True)(params)
     updates, new_opt = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     keep = (lambda new, old: new) if sh.population == 1 else (lambda new, old: jnp.where(active, new, old))
@@ -226,8 +254,8 @@ def make_train_step(task, graphdef, tx, unit: optax.Schedule, sh: Shardings):
     return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt_state), metrics
 
   def train_step(state, active_p, batch_p):
-    params, opt_state, metrics = over_population(one_model, sh.population, in_axes=(0, 0, None, 0, 0))(
-        state["params"], state["opt_state"], state["step"], active_p, batch_p)
+    params, opt_state, metrics = over_population(one_model, sh.population, in_axes=(0, 0, None, 0, 0, 0))(
+        state["params"], state["opt_state"], state["step"], active_p, batch_p, seeds_p)
     return dict(state, params=params, opt_state=opt_state, step=state["step"] + 1), metrics
 
   return jax.jit(sharding.with_activation_mesh(train_step, sh.batch),  # FSDP: activations split by batch

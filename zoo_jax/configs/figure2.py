@@ -15,6 +15,12 @@ which Zoology does not have: it selects on test), 64 epochs, batch 512 for L <= 
 at L = 512; mixers attention, base_conv, hyena, h3 (d_state = L), rwkv, based, mamba as
 `configs.mqar` configures them (2 layers, no MLP, Zoology's block).
 
+Dropout: scale=paper trains with Zoology's (`ZOOLOGY_DROPOUT`, `zoology_dropout`): its `ModelConfig` default
+`embed_dropout = 0.1` on the embeddings of every `TransformerBlock` model (its `MambaBlock` has no dropout)
+and `MHA(dropout=0.1)` on attention's probabilities (its Figure-2 configs). scale=cpu trains without dropout
+(zoo_jax's default; the numbers below were measured so); `--config.runs.<run>.model.embed_dropout=0.1`
+and `.mixer.dropout=0.1` turn it on per run.
+
 scale=cpu keeps the design and shrinks every axis to what 2 CPU cores train in about 45 minutes:
 attention and BaseConv, widths 64 and 128, (L, kv) in {(32, 4), (64, 8)}, learning rates 1e-3 and
 3e-3, vocabulary 128, 24,000 training and 1,000 validation / test examples per length, batch 64, up to
@@ -46,6 +52,26 @@ PAPER_MIXERS = ("attention", "base_conv", "hyena", "h3", "rwkv", "based", "mamba
 PAPER_LENGTHS = ((64, 4, 100_000, 3_000, 512), (128, 8, 100_000, 3_000, 512), (256, 16, 100_000, 3_000, 256),
                  (512, 64, 100_000, 3_000, 128))
 CPU_LENGTHS = ((32, 4, 24_000, 1_000, None), (64, 8, 24_000, 1_000, None))
+# Zoology's Figure-2 dropout: `ModelConfig.embed_dropout` = 0.1 (its default: zoology/config.py at
+# 0a76ef2, line 89), applied by `TransformerBlock` only; attention's `MHA(dropout=0.1)`
+# (iclr24_zoology_figure2/configs.py at 0c59e61, line 58). resid_dropout stays 0, its default.
+ZOOLOGY_DROPOUT = dict(embed_dropout=0.1, attention_dropout=0.1)
+
+
+def zoology_dropout(model: dict) -> dict:
+  """A copy of a model section with Zoology's Figure-2 dropout: `embed_dropout` 0.1 unless the block is
+  'mamba' (Zoology's MambaBlock drops nothing), and `dropout` 0.1 on an 'attention' mixer."""
+  model = copy.deepcopy(model)
+  if model.get("block") != "mamba":
+    model["embed_dropout"] = ZOOLOGY_DROPOUT["embed_dropout"]
+  if model["mixer"]["name"] == "attention":
+    model["mixer"]["dropout"] = ZOOLOGY_DROPOUT["attention_dropout"]
+  return model
+
+
+def zoology_figure2_models(seq_len: int) -> dict[str, dict]:
+  """`configs.mqar.figure2_models(seq_len)`, each with Zoology's Figure-2 dropout (`zoology_dropout`)."""
+  return {name: zoology_dropout(model) for name, model in mqar.figure2_models(seq_len).items()}
 
 
 def data(seq_len: int, num_kv_pairs: int, train_examples: int, eval_examples: int) -> dict:
@@ -98,7 +124,7 @@ def get_config(scale: str | None = None) -> ml_collections.ConfigDict:
   scale = scale or "cpu"
   c = base_config(scale)
   if scale == "paper":
-    c.runs = grid(mqar.figure2_models, PAPER_MIXERS, (64, 128, 256, 512), PAPER_LENGTHS)
+    c.runs = grid(zoology_figure2_models, PAPER_MIXERS, (64, 128, 256, 512), PAPER_LENGTHS)
   else:
     c.runs = grid(mqar.figure2_models, ("attention", "base_conv"), (64, 128), CPU_LENGTHS)
   return c

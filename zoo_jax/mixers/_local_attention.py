@@ -45,8 +45,10 @@ class LocalAttention(Attention):
   def cache_len(cfg: Any, seq_len: int) -> int:
     raise NotImplementedError
 
-  def attend(self, q_blhk: jax.Array, k_blhk: jax.Array, v_blhk: jax.Array) -> jax.Array:
-    """The mixer's attention (b, l, h, k) over a sequence that starts at a block boundary."""
+  def attend(self, q_blhk: jax.Array, k_blhk: jax.Array, v_blhk: jax.Array,
+             dropout_key: jax.Array | None = None) -> jax.Array:
+    """The mixer's attention (b, l, h, k) over a sequence that starts at a block boundary; with
+    `dropout_key` (training, dropout > 0) dropout on its probabilities (`attention.dropout_attention`)."""
     raise NotImplementedError
 
   def context_slots(self, t_b: jax.Array) -> jax.Array:
@@ -67,12 +69,14 @@ class LocalAttention(Attention):
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
   def __call__(self, x_bld: jax.Array, state: dict[str, jax.Array] | None = None,
-               return_state: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+               return_state: bool = False, dropout_key: jax.Array | None = None,
+               ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """Local attention over x; with `state`, continuing from its cache (module docstring); with
-    `return_state`, also the cache after x."""
+    `return_state`, also the cache after x. `dropout_key` (training): dropout on the probabilities."""
     b, l, d = x_bld.shape
     if state is None and not return_state:
-      return self.out_proj(self.attend(*self.qkv_blhk(x_bld)).reshape(b, l, d))
+      key = dropout_key if self.drops(dropout_key) else None
+      return self.out_proj(self.attend(*self.qkv_blhk(x_bld), dropout_key=key).reshape(b, l, d))
     state = self.init_state(b) if state is None else state
     c_b = self.context_slots(state["t"])
     # In float32, as the cache and the recurrent form are.

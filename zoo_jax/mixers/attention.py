@@ -11,9 +11,17 @@ Su et al. 2021, eq. 34), as the paper's Pile attention baselines do: for head-di
 (q_i cos tθ_i − q_{i+d/2} sin tθ_i, q_{i+d/2} cos tθ_i + q_i sin tθ_i); likewise k. This is the half-split
 (GPT-NeoX / flash-attn non-interleaved) layout the paper's Pile runs use. No parameters are added.
 
-Differences from Zoology's PyTorch `MHA`: no attention dropout (Zoology's `MHA` takes a `dropout` rate,
-which its MQAR attention configs set; zoo_jax trains without dropout everywhere); the softmax is
-`jax.nn.dot_product_attention`, which XLA fuses, and on GPU can use cuDNN.
+`dropout` (default 0, so runs are unchanged; Zoology's `MHA(dropout=...)` defaults to 0.0 too, and its
+Figure-2 configs set 0.1, which `zoo_jax.configs.figure2.ZOOLOGY_DROPOUT` gives): during training, each
+softmax probability is zeroed with that probability and the rest scaled by 1 / (1 − dropout), before the
+weighted sum of the values, as Zoology's `SelfAttention` does (`F.dropout(attention, ...)`,
+`zoology/mixers/attention.py` at 0a76ef2). The probabilities are materialised for that (`dropout_attention`:
+(b, h, l, l) float32, the 'xla' path's memory), so a training forward with dropout > 0 takes that path
+whatever `implementation` None picks; 'blockwise' / 'cudnn' given explicitly with dropout > 0 are refused
+(one line). Evaluation, prefill and decoding never drop (the model passes no dropout key there).
+
+Differences from Zoology's PyTorch `MHA`: masked logits are −inf rather than an additive −10000; the
+softmax is `jax.nn.dot_product_attention`, which XLA fuses, and on GPU can use cuDNN.
 
 `implementation` (zoo_jax's, default None) picks how the causal softmax is computed (`ops.attention`):
 'xla' (`jax.nn.dot_product_attention`'s XLA path: l×l float32 logits, the masked half computed too),
@@ -59,15 +67,48 @@ def check_implementation(implementation: str | None, dtype: Any) -> None:
                      f"{jnp.dtype(dtype).name}: use 'blockwise' or 'xla'")
 
 
+def validate_dropout(field: str, rate: float, implementation: str | None) -> None:
+  """`dropout` in [0, 1), and a path that materialises the probabilities it drops (None or 'xla')."""
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"{field}.dropout must be a number in [0, 1), got {rate!r}")
+  if rate > 0 and implementation not in (None, "xla"):
+    raise ValueError(f"{field}.dropout > 0 needs {field}.implementation None or 'xla' (dropout acts on the "
+                     f"materialised softmax probabilities), got {implementation!r}")
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Inverted dropout, stateless: each element zeroed with probability `rate` (a Bernoulli mask drawn from
+  `key`), the rest scaled by 1 / (1 − rate); `x` itself when `key` is None or the rate is 0."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def dropout_attention(q_blhk: jax.Array, k_blhk: jax.Array, v_blhk: jax.Array, *, rate: float,
+                      key: jax.Array | None, window: int | None = None) -> jax.Array:
+  """Causal softmax attention (scale 1/sqrt(k); `window` w: query i sees keys i − w .. i) with dropout on
+  the (b, h, l, l) float32 probabilities, as Zoology's `SelfAttention`; the output has q's dtype."""
+  l, scale = q_blhk.shape[1], q_blhk.shape[-1] ** -0.5
+  s_bhij = jnp.einsum("bihk,bjhk->bhij", q_blhk, k_blhk, preferred_element_type=jnp.float32) * scale
+  i, j = jnp.arange(l)[:, None], jnp.arange(l)[None]
+  mask_ij = (j <= i) if window is None else (j <= i) & (i - j <= window)
+  p_bhij = dropout(jax.nn.softmax(jnp.where(mask_ij, s_bhij, -jnp.inf), axis=-1), rate, key)
+  return jnp.einsum("bhij,bjhk->bihk", p_bhij.astype(v_blhk.dtype), v_blhk,
+                    preferred_element_type=jnp.float32).astype(q_blhk.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
   num_heads: int = 1
   rotary: bool = False  # rotary position embedding on q and k (the paper's Pile runs)
   rotary_base: float = 10000.0
   implementation: str | None = None  # None | 'xla' | 'cudnn' | 'blockwise' (module docstring)
+  dropout: float = 0.0  # on the softmax probabilities, training only (module docstring)
 
   def validate(self, field: str) -> None:
     validate_implementation(field, self.implementation)
+    validate_dropout(field, self.dropout, self.implementation)
     if self.num_heads < 1:
       raise ValueError(f"{field}.num_heads must be >= 1, got {self.num_heads}")
     if self.rotary_base <= 1.0:
@@ -103,6 +144,7 @@ class Attention(nnx.Module):
     # sparse_attention subclasses Attention with a config that has no `implementation`: the default.
     self.implementation = getattr(cfg, "implementation", None)
     check_implementation(self.implementation, dtype)
+    self.dropout_rate = getattr(cfg, "dropout", 0.0)  # sparse_attention's config has none: 0
     self.num_heads = cfg.num_heads
     self.rotary = rotary
     self.rotary_base = rotary_base
@@ -120,9 +162,10 @@ class Attention(nnx.Module):
     return 2 * d_model * seq_len
 
   def __call__(self, x_bld: jax.Array, state: dict[str, jax.Array] | None = None,
-               return_state: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+               return_state: bool = False, dropout_key: jax.Array | None = None,
+               ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """Causal attention over x; with `state`, x's positions follow the cached ones (module docstring).
-    With `return_state`, also the KV cache after x."""
+    With `return_state`, also the KV cache after x. `dropout_key` (training): dropout on the probabilities."""
     if state is not None:
       state, y_bld = self.extend_cache(state, x_bld)
       return (y_bld, state) if return_state else y_bld
@@ -133,8 +176,11 @@ class Attention(nnx.Module):
       positions_bl = jnp.broadcast_to(jnp.arange(l), (b, l))
       q_blhk = apply_rotary(q_blhk, positions_bl, self.rotary_base)
       k_blhk = apply_rotary(k_blhk, positions_bl, self.rotary_base)
-    y_blhk = attention_ops.causal_attention(q_blhk, k_blhk, v_blhk,
-                                            implementation=self.implementation_for(q_blhk.dtype))
+    if self.drops(dropout_key):
+      y_blhk = dropout_attention(q_blhk, k_blhk, v_blhk, rate=self.dropout_rate, key=dropout_key)
+    else:
+      y_blhk = attention_ops.causal_attention(q_blhk, k_blhk, v_blhk,
+                                              implementation=self.implementation_for(q_blhk.dtype))
     y_bld = self.out_proj(y_blhk.reshape(b, l, d))
     if not return_state:
       return y_bld
@@ -142,6 +188,10 @@ class Attention(nnx.Module):
     cache = self.init_state(b)
     write = lambda cache_bshk, new_blhk: cache_bshk.at[:, :l].set(new_blhk.astype(cache_bshk.dtype))
     return y_bld, dict(k=write(cache["k"], k_blhk), v=write(cache["v"], v_blhk), t=cache["t"] + l)
+
+  def drops(self, dropout_key: jax.Array | None) -> bool:
+    """Whether this call drops probabilities: a training call (a key) of a mixer with dropout > 0."""
+    return dropout_key is not None and self.dropout_rate > 0
 
   def implementation_for(self, dtype: Any) -> str | None:
     """`implementation` for activations of `dtype`: cuDNN takes no float32, so the float32 paths (the local

@@ -15,7 +15,9 @@ Computed block by block (the sequence padded at the end to a multiple of b, padd
 parallel form costs O(L·b·d), not O(L²·d). `implementation` (default None) as `attention`'s
 (`ops.attention`) computes the causal attention inside each block: 'xla' its b×b masked logits,
 'blockwise' FlashAttention-2 by key blocks (blocks above the diagonal skipped: it matters for b > 128),
-'cudnn' cuDNN's kernel (GPU, bf16 / fp16).
+'cudnn' cuDNN's kernel (GPU, bf16 / fp16). `dropout` (default 0; zoo_jax's, Zoology has no such mixer): during
+training, dropout on each block's softmax probabilities as `attention`'s (materialised b×b per block;
+explicit 'blockwise' / 'cudnn' with dropout > 0 are refused).
 
 State: the keys and values of the current block, reset (overwritten, masked) at block boundaries:
 2·d·min(b, L) elements per example. After t tokens, slot s holds the latest token p < t with p ≡ s (mod b):
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 
 from zoo_jax.mixers import registry
 from zoo_jax.mixers._local_attention import LocalAttention, validate_at_least_one
-from zoo_jax.mixers.attention import validate_implementation
+from zoo_jax.mixers.attention import dropout_attention, validate_dropout, validate_implementation
 from zoo_jax.ops import attention as attention_ops
 
 
@@ -40,9 +42,11 @@ class BlockedConfig:
   num_heads: int = 1
   block_size: int = 64
   implementation: str | None = None  # None | 'xla' | 'cudnn' | 'blockwise' (module docstring)
+  dropout: float = 0.0  # on each block's softmax probabilities, training only
 
   def validate(self, field: str) -> None:
     validate_implementation(field, self.implementation)
+    validate_dropout(field, self.dropout, self.implementation)
     validate_at_least_one(field, num_heads=self.num_heads, block_size=self.block_size)
 
   def check_shapes(self, field: str, *, d_model: int, seq_len: int, layer_idx: int) -> None:
@@ -63,15 +67,20 @@ class BlockedAttention(LocalAttention):
   def state_size(cfg: BlockedConfig, d_model: int, seq_len: int, layer_idx: int) -> int:
     return 2 * d_model * BlockedAttention.cache_len(cfg, seq_len)
 
-  def attend(self, q_blhk: jax.Array, k_blhk: jax.Array, v_blhk: jax.Array) -> jax.Array:
+  def attend(self, q_blhk: jax.Array, k_blhk: jax.Array, v_blhk: jax.Array,
+             dropout_key: jax.Array | None = None) -> jax.Array:
     b, l, h, k = q_blhk.shape
     block = min(self.hparams.block_size, l)
     n_blocks = -(-l // block)
     # Padding goes after the last real token, so causal masking keeps it away from every real query.
     pad = ((0, 0), (0, n_blocks * block - l), (0, 0), (0, 0))
     to_blocks = lambda a_blhk: jnp.pad(a_blhk, pad).reshape(b * n_blocks, block, h, k)
-    y_blhk = attention_ops.causal_attention(*map(to_blocks, (q_blhk, k_blhk, v_blhk)),
-                                            implementation=self.implementation_for(q_blhk.dtype))
+    if dropout_key is not None:
+      y_blhk = dropout_attention(*map(to_blocks, (q_blhk, k_blhk, v_blhk)), rate=self.dropout_rate,
+                                 key=dropout_key)
+    else:
+      y_blhk = attention_ops.causal_attention(*map(to_blocks, (q_blhk, k_blhk, v_blhk)),
+                                              implementation=self.implementation_for(q_blhk.dtype))
     return y_blhk.reshape(b, n_blocks * block, h, k)[:, :l]
 
   def context_slots(self, t_b: jax.Array) -> jax.Array:

@@ -45,6 +45,7 @@ class Hybrid(nnx.Module):
                                 layer_idx=layer_idx, n_layers=n_layers, rngs=rngs, dtype=dtype,
                                 field=f"model.mixer.mixers[{layer_idx % len(cfg.mixers)}]")
     self.uses_tokens = getattr(self.mixer, "uses_tokens", False)
+    self.dropout_rate = getattr(self.mixer, "dropout_rate", 0.0)  # this layer's mixer's (attention dropout)
 
   @staticmethod
   def state_size(cfg: HybridConfig, d_model: int, seq_len: int, layer_idx: int) -> int:
@@ -52,8 +53,9 @@ class Hybrid(nnx.Module):
                                layer_idx=layer_idx)
 
   def __call__(self, x_bld: jax.Array, tokens_bl: jax.Array | None = None, state: Any = None,
-               return_state: bool = False) -> Any:
-    return registry.apply(self.mixer, x_bld, tokens_bl, state=state, return_state=return_state)
+               return_state: bool = False, dropout_key: jax.Array | None = None) -> Any:
+    return registry.apply(self.mixer, x_bld, tokens_bl, state=state, return_state=return_state,
+                          dropout_key=dropout_key)
 
   def init_state(self, batch_size: int) -> Any:
     return self.mixer.init_state(batch_size)

@@ -25,8 +25,10 @@ Differences from Zoology's PyTorch `Hyena`:
   path ('reference', 'xla', 'monarch', 'pallas') of both convolutions; the outputs agree to round-off.
 - not exposed, because Zoology's defaults are the only values its code handles or its MQAR configs use:
   `num_heads` = 1 and `num_blocks` = 1 (its split into x1, x2, v fails for `num_heads` > 1),
-  `bidirectional` = False, `modulate` = True, `bias` = True, `normalized` = False, and dropout (zoo_jax
-  trains without dropout).
+  `bidirectional` = False, `modulate` = True, `bias` = True, `normalized` = False, and `dropout` = 0.0
+  (on x1 ⊙ v) and `filter_dropout` = 0.0 (its filter's forward never applies it; `zoology/mixers/hyena.py`
+  at 0a76ef2), which its Figure-2 configs leave at 0: no dropout inside this mixer (the model's
+  `embed_dropout` / `resid_dropout`, `zoo_jax.model`, apply around it).
 - the recurrent form (`init_state` / `step`) is new: Zoology's Hyena has none.
 
 State: the short conv's last k-1 inputs on 3·d channels and the long conv's whole input history (of

@@ -174,14 +174,17 @@ def check_heads(field: str, num_heads: int, d_model: int, *, even: bool = False,
 
 
 def apply(mixer: nnx.Module, x_bld: Any, tokens_bl: Any = None, *, state: Any = None,
-          return_state: bool = False) -> Any:
+          return_state: bool = False, dropout_key: Any = None) -> Any:
   """`mixer(x_bld)`, or `mixer(x_bld, tokens_bl)` for a mixer that reads token ids (`uses_tokens`, e.g.
   sparse_attention's programmatic and random selections); every other mixer maps hidden states only.
 
   With `state` (a pytree like `init_state(b)`'s) the parallel form continues from it; with `return_state`
-  the result is `(y_bld, final_state)` (the module docstring's state-passing contract)."""
+  the result is `(y_bld, final_state)` (the module docstring's state-passing contract). `dropout_key`
+  (training forward only) reaches a mixer with a `dropout_rate` > 0 (the attentions' `dropout`)."""
   args = (x_bld, tokens_bl) if getattr(mixer, "uses_tokens", False) else (x_bld,)
   if state is None and not return_state:
+    if dropout_key is not None and getattr(mixer, "dropout_rate", 0.0) > 0:
+      return mixer(*args, dropout_key=dropout_key)
     return mixer(*args)
   return mixer(*args, state=state, return_state=return_state)
 

@@ -19,9 +19,10 @@ zoo_jax's `conv_implementation` = None picks the kernel path of K * u + D u (`op
 No optimizer groups: A, dt and C are ordinary parameters with the run's learning rate and weight decay
 (the S4D repository registers A and dt with weight decay 0 and, optionally, their own learning rate).
 
-Differences from the PyTorch layer: no dropout; GELU is exact (`nn.GELU()`); the SSM and D run in float32
-whatever the compute dtype; (exp(dt A) - 1) is computed without float32 cancellation (`_filters._expm1`);
-the recurrent form is new (the standalone layer has only the convolution).
+Differences from the PyTorch layer: no dropout inside the layer (the model's `embed_dropout` /
+`resid_dropout`, `zoo_jax.model`, apply around it); GELU is exact (`nn.GELU()`); the SSM and D run in
+float32 whatever the compute dtype; (exp(dt A) - 1) is computed without float32 cancellation
+(`_filters._expm1`); the recurrent form is new (the standalone layer has only the convolution).
 
 State: N/2 complex modes per channel, stored as real and imaginary float32 parts: d·N elements per example.
 Given a state x0, `__call__` continues after it (prefill → decode): y = K * u + D ⊙ u plus the modes' free

@@ -17,8 +17,12 @@ the key blocks within reach of each query block, a band of ⌈w/c⌉ + 1 blocks 
 is cuDNN's sliding-window kernel (GPU, bf16 / fp16). None: blockwise on CPU and on GPU for float32,
 cuDNN on GPU for bf16 / fp16 (unmeasured on GPU).
 
-Differences from Zoology's PyTorch `SlidingAttn`: masked keys get −inf rather than an additive −10000, so
-they get exactly zero weight; `num_heads` may be > 1; no attention dropout (Zoology's configs set it to 0).
+`dropout` (default 0, as Zoology's `SlidingAttn(dropout=0.0)`): during training, dropout on the softmax
+probabilities as `attention`'s (the l×l probabilities materialised, `attention.dropout_attention` with the
+window as a mask; explicit 'blockwise' / 'cudnn' with dropout > 0 are refused).
+
+Differences from Zoology's PyTorch `SlidingAttn` (`zoology/mixers/slide_attn.py`): masked keys get −inf
+rather than an additive −10000, so they get exactly zero weight; `num_heads` may be > 1.
 
 State: a shift register of the last min(w + 1, L) keys and values, 2·d·min(w + 1, L) elements per example:
 after t tokens its n = min(w + 1, L) slots hold tokens max(t, n) − n .. t − 1 in order (zeros past them
@@ -33,7 +37,7 @@ import jax.numpy as jnp
 
 from zoo_jax.mixers import registry
 from zoo_jax.mixers._local_attention import LocalAttention, validate_at_least_one
-from zoo_jax.mixers.attention import validate_implementation
+from zoo_jax.mixers.attention import dropout_attention, validate_dropout, validate_implementation
 from zoo_jax.ops import attention as attention_ops
 
 
@@ -42,9 +46,11 @@ class SlidingWindowConfig:
   num_heads: int = 1
   window_size: int = 64
   implementation: str | None = None  # None | 'xla' | 'cudnn' | 'blockwise' (module docstring)
+  dropout: float = 0.0  # on the softmax probabilities, training only
 
   def validate(self, field: str) -> None:
     validate_implementation(field, self.implementation)
+    validate_dropout(field, self.dropout, self.implementation)
     validate_at_least_one(field, num_heads=self.num_heads, window_size=self.window_size)
 
   def check_shapes(self, field: str, *, d_model: int, seq_len: int, layer_idx: int) -> None:
@@ -65,7 +71,11 @@ class SlidingWindowAttention(LocalAttention):
   def state_size(cfg: SlidingWindowConfig, d_model: int, seq_len: int, layer_idx: int) -> int:
     return 2 * d_model * SlidingWindowAttention.cache_len(cfg, seq_len)
 
-  def attend(self, q_blhk: jax.Array, k_blhk: jax.Array, v_blhk: jax.Array) -> jax.Array:
+  def attend(self, q_blhk: jax.Array, k_blhk: jax.Array, v_blhk: jax.Array,
+             dropout_key: jax.Array | None = None) -> jax.Array:
+    if dropout_key is not None:
+      return dropout_attention(q_blhk, k_blhk, v_blhk, rate=self.dropout_rate, key=dropout_key,
+                               window=self.hparams.window_size)
     return attention_ops.causal_attention(q_blhk, k_blhk, v_blhk, window=self.hparams.window_size,
                                           implementation=self.implementation_for(q_blhk.dtype))
 
