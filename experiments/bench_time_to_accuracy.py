@@ -10,8 +10,9 @@ the same zoo_jax step (`train.train_and_evaluate`, one model per run) on this ma
 - zoology: Zoology's Figure-2 recipe as `zoo_jax/configs/figure2.py` copies it: a fixed set of 100,000
   training examples, batch 512, validation every epoch (195 steps), AdamW (weight decay 0.1), cosine decay
   over 64 epochs, each learning rate of logspace(-4, -2, 4) a separate run (Zoology reports the best);
-- recipe: the `quick` preset's recipe (`zoo_jax/configs/mqar.py`, `quick_start_base`): fresh examples every
-  step (`data.fresh_examples`), batch 64, validation every 100 steps, constant learning rate 3e-3.
+- recipe: the `quick` preset's recipe (`zoo_jax/configs/mqar.py`, `quick_start_base`, and its attention):
+  fresh examples every step (`data.fresh_examples`), batch 64, validation every 100 steps, constant
+  learning rate 3e-3.
 
 Each run stops early above 0.99 validation accuracy. Per recipe (at Zoology's best learning rate: the one
 with the most seeds reaching 0.99, then the fewest median steps) the table gives the median over seeds of the steps and of the wall time to
@@ -41,6 +42,8 @@ from zoo_jax.configs import mqar as mqar_configs
 _QUICK = flags.DEFINE_bool("quick", False, "1 seed; Zoology's two largest learning rates; steps capped by "
                            "--max_steps.")
 _SEEDS = flags.DEFINE_list("seeds", None, "Seeds (default 0,1,2; --quick: 0).")
+_ZOOLOGY_LRS = flags.DEFINE_list("zoology_lrs", None, "Zoology's learning rates to run (default its grid "
+                                 "logspace(-4, -2, 4); --quick: the two largest).")
 _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Cap on each run's steps (default: Zoology's 64 epochs "
                                   "for zoology and the recipe's own epochs; --quick: 3,000).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs write (default: a temporary directory, removed).")
@@ -54,9 +57,9 @@ def _segments(n: int) -> list[dict]:
   return [dict(seq_len=SEQ_LEN, num_kv_pairs=NUM_KV_PAIRS, num_examples=n)]
 
 
-def _cell(config: dict) -> dict:
-  """`config` at the cell: attention as the quick start configures it, width 64, L 64, 4 kv pairs, V 8192."""
-  config["model"].update(config_lib.as_dict(mqar_configs.ATTENTION), d_model=D_MODEL, n_layers=2)
+def _cell(config: dict, attention: dict) -> dict:
+  """`config` at the cell: `attention` (1 head) of width 64, 2 layers, L 64, 4 kv pairs, V 8192."""
+  config["model"].update(config_lib.as_dict(attention), d_model=D_MODEL, n_layers=2)
   config["data"].update(vocab_size=VOCAB, validation_segments=_segments(1_000), test_segments=_segments(1_000))
   config["train"].update(eval_batch_size=500, early_stop_accuracy=0.99, log_every_steps=10_000)
   return config
@@ -66,7 +69,7 @@ def zoology_config(learning_rate: float, max_steps: int | None) -> dict:
   c = config_lib.defaults().to_dict()  # Figure-2 values (weight decay 0.1, cosine, no warmup)
   c["data"].update(train_segments=_segments(ZOOLOGY_EXAMPLES), fresh_examples=False)
   c["train"].update(batch_size=ZOOLOGY_BATCH, learning_rate=learning_rate, epochs=ZOOLOGY_EPOCHS)
-  c = _cell(c)
+  c = _cell(c, mqar_configs.ATTENTION)  # Figure 2's attention: learned positions, as Zoology's
   if max_steps:
     c["train"]["epochs"] = min(ZOOLOGY_EPOCHS, -(-max_steps // (ZOOLOGY_EXAMPLES // ZOOLOGY_BATCH)))
   return c
@@ -78,7 +81,7 @@ def recipe_config(max_steps: int | None) -> dict:
   c.pop("runs")
   c.pop("sweep")
   c["data"]["train_segments"] = _segments(c["data"]["train_segments"][0]["num_examples"])
-  c = _cell(c)
+  c = _cell(c, mqar_configs.QUICK_RUNS["attention-L16"]["model"])  # the quick start's attention
   if max_steps:
     steps_per_epoch = c["data"]["train_segments"][0]["num_examples"] // c["train"]["batch_size"]
     c["train"]["epochs"] = max(1, min(c["train"]["epochs"], -(-max_steps // steps_per_epoch)))
@@ -116,7 +119,11 @@ def main(argv):
   max_steps = _MAX_STEPS.value or (3_000 if quick else None)
   if not flags.FLAGS["verbosity"].present:  # Orbax logs every checkpoint step at INFO
     logging.set_verbosity(logging.WARNING)
-  lrs = ZOOLOGY_LRS[2:] if quick else ZOOLOGY_LRS
+  try:
+    lrs = tuple(float(x) for x in _ZOOLOGY_LRS.value) if _ZOOLOGY_LRS.value else (
+        ZOOLOGY_LRS[2:] if quick else ZOOLOGY_LRS)
+  except ValueError:
+    sys.exit(f"error: --zoology_lrs must be numbers separated by commas, got {_ZOOLOGY_LRS.value}")
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="zoo_jax_tta_")
   try:  # every config checked before anything trains
     for seed in seeds:
