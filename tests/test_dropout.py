@@ -2,6 +2,9 @@
 attention's probabilities, stateless keys from (seed, step) through the trainer, none in evaluation."""
 
 import math
+import os
+import subprocess
+import sys
 
 import chex
 from flax import nnx
@@ -254,3 +257,39 @@ def test_kill_and_resume_with_dropout_equals_uninterrupted(tmp_path):
   resumed = train.train_and_evaluate(cfg, str(tmp_path / "resumed"))
   for key in ("validation_accuracy", "validation_loss", "test_accuracy", "test_loss", "steps"):
     assert resumed[key] == whole[key], key
+
+
+_SHARDED_SCRIPT = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import sys
+import jax, numpy as np
+sys.path.insert(0, {tests!r})
+from test_dropout import tiny_run
+from zoo_jax import config as config_lib, sharding, tasks, trainer
+
+def run(mesh):
+  cfg, mc = config_lib.resolve(tiny_run(mixer=dict(name="attention", num_heads=2, dropout=0.3), embed_dropout=0.2,
+                                        resid_dropout=0.1))
+  task = tasks.MQARTask(cfg, [0, 1])
+  members = [trainer.Member(f"s{{s}}", s, cfg.train.learning_rate, cfg.train.weight_decay) for s in (0, 1)]
+  graphdef, state, sh, tx, unit = trainer.init_state(mc, cfg.train, members, 100, mesh)
+  step = trainer.make_train_step(task, graphdef, tx, unit, sh)
+  losses = []
+  for batch, _ in zip(task.train_batches(0), range(3)):
+    state, m = step(state, jax.device_put(np.ones(2, bool), sh.member), sharding.put(batch, sh.batch))
+    losses.append(np.asarray(m["loss"]))
+  return np.stack(losses)
+
+np.testing.assert_allclose(run(sharding.make_mesh(data=4, model=2)),
+                           run(sharding.make_mesh(devices=jax.devices()[:1])), rtol=1e-5)
+print("sharded == single")
+"""
+
+
+@pytest.mark.slow  # a subprocess with 8 simulated devices, two 3-step populations: ~25 s idle
+def test_dropout_masks_do_not_depend_on_the_mesh():
+  tests = os.path.dirname(os.path.abspath(__file__))
+  out = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT.format(tests=tests)], capture_output=True, text=True,
+                       timeout=600, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+  assert out.returncode == 0 and "sharded == single" in out.stdout, out.stderr[-3000:]
