@@ -47,8 +47,9 @@ Measured (CPU pair, load 5-12 on 2 cores shared with 4 other jobs; `experiments/
 --config=experiments/configs/lm.py:attention_cpu`, then `:base_conv_cpu`, then experiments/ar_gap.py): attention
 28 min 12 s wall (681 CPU s, 1,295 tokens/s), BaseConv 10 min 29 s (319 CPU s, 3,421 tokens/s); validation
 perplexity 79.2 vs 68.6. Table 1's pattern does NOT appear at 1.97M tokens: AR hits (3.7% of held-out
-tokens, threshold 10) have perplexity 349 (attention) / 372 (BaseConv) against 74.8 / 64.3 on other tokens,
-and neither model's loss falls with position past ~16 tokens (no induction yet). Attention pilots: AR-hit /
+tokens, threshold 10) have perplexity 349 (attention) / 372 (BaseConv) against 74.8 / 64.3 on other tokens;
+neither model's loss falls with position past ~16 tokens, and attention predicts the second copy of a
+repeated random block no better than the first (11.07 vs 11.09 nats): no induction yet. Attention pilots: AR-hit /
 other perplexity 1,062 / 338 after 0.16M tokens, 290 / 135 after 0.82M, 349 / 74.8 after 1.97M.
 Overrides reach any key: `--config.data.seq_len=512`, `--config.mesh.fsdp=8`, `--config.model.mixer.rotary=False
 --config.model.learned_positions=True`.
