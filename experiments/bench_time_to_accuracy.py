@@ -153,7 +153,8 @@ def main(argv):
                                      statistics.median(r["seconds"] for r in zoology[k])))
   recipe_s = statistics.median(r["seconds"] for r in results["recipe"])
   grid_s = statistics.median(sum(runs[i]["seconds"] for runs in zoology.values()) for i in range(len(seeds)))
-  rows = [("recipe", results["recipe"], recipe_s), (f"{best} (Zoology's best)", zoology[best],
+  best_label = f"{best} (Zoology's best)" if len(zoology) > 1 else f"{best} (the one learning rate run)"
+  rows = [("recipe", results["recipe"], recipe_s), (best_label, zoology[best],
                                                    statistics.median(r["seconds"] for r in zoology[best]))]
   print(f"\nTime to 0.99 validation accuracy, median over seeds {seeds} (load {load_before[0]:.1f} before, "
         f"{load_after[0]:.1f} after; '>': not reached within the cap)")
