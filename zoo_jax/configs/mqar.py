@@ -59,6 +59,8 @@ of a seed that did not get there):
   L 16 kv 4, rotary, cosine decay over 3,000 steps          2,100, 2,600, >3,000 (0.993; test 0.994
                                                             ± 0.001, 3/3 >= 0.99 on test)  -  3,000
   L 32 kv 4, rotary, cosine decay over 3,000 steps          none: all 3 at the ~0.27 plateau at 2,300
+  L 32 kv 4, rotary, constant lr                            none (0.28, 0.28, 0.28)   423    3,000
+                                                            (261 s wall at load 0.5-1.7: an idle machine)
   L 32 kv 8 (kv = L/4: every slot after the context a query), rotary   none (0.18 plateau)  109  1,000
   L 32 kv 8, lr 1e-2, warmup 100, clip 1.0, weight decay 0  none (0.10, below chance) 93     1,000
   L 32 kv 8, weight decay 0                                 none (0.18 plateau)       -      700
@@ -66,8 +68,10 @@ of a seed that did not get there):
 
 Rotary positions moved the jump off the ~0.33 plateau at L = 16 from 2,000-2,600 steps to 1,000-1,500, but
 with the constant lr one seed of three then climbs only to ~0.94 (lr 3e-3's noise floor); the cosine decay
-finishes that climb (3/3 on test) but at L = 32 the decayed lr left all 3 seeds on the plateau (the
-constant-lr `quick` recipe had 2 of 3 jump there, at 2,400 and 3,200 steps). Batch 256 jumped at 500-600
+finishes that climb (3/3 on test); at L = 32 rotary positions left all 3 seeds on the plateau through
+3,000 steps with either schedule (learned positions, the `quick` recipe, had 2 of 3 jump there, at 2,400
+and 3,200 steps). One 3,000-step population at L = 32 alone takes 4.4 minutes on idle cores, so the
+5-minute target for two mixers at two lengths is out of reach at width 64 with jumps this late. Batch 256 jumped at 500-600
 steps, but each step costs 4.4× the CPU of batch 64: no saving per CPU second. Weight decay 0, larger
 learning rates and more kv pairs per example were slower. Width 128 costs about 3× the CPU per step of
 width 64. So no recipe measured here gives attention 3/3 at two lengths within the `quick` preset's budget,
