@@ -279,6 +279,20 @@ def test_every_step_damaged_raises_one_line(ckpt_dir):
   collect_abandoned_reads()
 
 
+def test_another_model_structure_is_named_not_called_damage(ckpt_dir, capsys):
+  """A workdir written by another zoo_jax version (say, the qkv kernel 2-D before it was (embed, 3, heads,
+  head_dim)): every step fails on the leaves' shapes, and the one line says so instead of "damaged"."""
+  state = make_state(0)
+  reshaped = dict(state, params=dict(state["params"], w=state["params"]["w"].reshape(1, -1)))
+  ckpt = checkpoint_lib.Checkpointer(ckpt_dir)
+  with pytest.raises(checkpoint_lib.CheckpointError) as e:
+    ckpt.restore(reshaped)
+  ckpt.close()
+  message = str(e.value)
+  assert "\n" not in message and "another structure" in message and "damaged" not in message, message
+  assert "leaf ['params']['w'] is" in message and "step 2:" in message and "step 1:" in message, message
+
+
 def test_no_checkpoint_restores_none(tmp_path, capsys):
   assert restore(str(tmp_path / "absent")) is None
   assert restore(str(tmp_path)) is None

@@ -37,7 +37,9 @@ Damaged, and how it is seen (tests/test_checkpoint.py damages step 2 of two in e
                                                                                and replaces it when it
                                                                                saves that step again
 Every step damaged raises CheckpointError (one line: each step and why, and to move the directory aside);
-a directory with no finished step at all restores to None.
+when every step's leaves differ from the state's in names, shapes or dtypes, the line says the checkpoints
+hold another model structure (another zoo_jax version or model config), not damage. A directory with no
+finished step at all restores to None.
 
 What happens to damaged steps: `restore` deletes and renames nothing (an evaluation may restore while the
 run trains). But Orbax saves no step at or below its newest (a stray `99/` would silently drop every save
@@ -103,6 +105,11 @@ _TMP_RE = re.compile(r"^(0|[1-9]\d*)" + re.escape(_TMP_SUFFIX))
 # What every step Orbax 0.12 finishes holds and restore relies on beyond what Orbax checks itself.
 _REQUIRED = ("state", "progress", "_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt",
              "progress/metadata")
+
+
+class _Mismatch(str):
+  """Why a step was skipped, when its leaves' names, shapes or dtypes differ from the state's: not damage
+  but another model structure (a checkpoint written by another zoo_jax version or model config)."""
 
 
 class CheckpointError(RuntimeError):
@@ -449,7 +456,7 @@ class Checkpointer:
     """
     self.wait()
     entries = self._entries()
-    skipped = []
+    skipped, reasons = [], []
     for step in sorted(entries, reverse=True):
       if entries[step] == "tmp":
         _warn(f"checkpoint step {step} in {self.directory} skipped: unfinished save ({step}{_TMP_SUFFIX}, "
@@ -459,10 +466,15 @@ class Checkpointer:
       if isinstance(restored, tuple):
         return restored
       skipped.append(f"step {step}: {restored}")
+      reasons.append(restored)
       self._damaged.add(step)
       _warn(f"checkpoint step {step} in {self.directory} skipped: {restored}")
     if not skipped:
       return None
+    if all(isinstance(why, _Mismatch) for why in reasons):
+      raise CheckpointError(f"every checkpoint in {self.directory} holds a model of another structure than "
+                            f"this code builds from the run's config (written by another zoo_jax version?): "
+                            f"{'; '.join(skipped)}; move {self.directory} aside to start afresh")
     raise CheckpointError(f"every checkpoint in {self.directory} is damaged ({'; '.join(skipped)}); move "
                           f"{self.directory} aside to start afresh")
 
@@ -491,11 +503,11 @@ class Checkpointer:
     names = [name for name, _ in like_leaves]
     if sorted(names) != sorted(expected):
       only_saved, only_like = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
-      return (f"leaves differ from the state's (checkpoint only: {_names(only_saved) or 'none'}; state only: "
-              f"{_names(only_like) or 'none'})")
+      return _Mismatch(f"leaves differ from the state's (checkpoint only: {_names(only_saved) or 'none'}; "
+                       f"state only: {_names(only_like) or 'none'})")
     for name, leaf in like_leaves:
       if _spec(leaf) != expected[name][:2]:
-        return f"leaf {name} is {expected[name][:2]} in the checkpoint, {_spec(leaf)} in the state"
+        return _Mismatch(f"leaf {name} is {expected[name][:2]} in the checkpoint, {_spec(leaf)} in the state")
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
     state, why = self._read(step, state=ocp.args.StandardRestore(abstract))
     if why:
