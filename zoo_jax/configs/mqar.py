@@ -69,22 +69,24 @@ of a seed that did not get there):
 One model trained on a MIXTURE of lengths (fresh examples drawn in proportion to the segments, padded to L 32;
 Zoology's later configs), tested per length (the table's test L16 / L32 columns); width 64, rotary unless
 said; steps to > 0.995 on the mixed validation set; CPU s and wall of the whole command (/usr/bin/time),
-load 1.2-4.5 on the 2 cores:
+load 1.2-4.8 on the 2 cores:
   mixture (kv 4)                         steps per seed (test L16 / L32 per seed)        CPU s  wall  cap
   {16, 32} 1:1                           1,800 (0.998/0.997), none, none (0.32-0.33/0.27-0.28) 309  275 s 2,500
   {16, 32} 1:1, learned positions        none, none (0.31-0.34/0.28), 2,300 (0.999/0.998)  253  253 s 2,500
   {16, 32} 3:1 toward L 16               none: all 3 jump at 1,100-1,400, climb to 0.94-0.97  330  330 s 2,500
                                          (0.955/0.935, 0.951/0.933, 0.975/0.966)
+  {16, 32} 3:1, the same to 4,000 steps  3,000 (0.997/0.995); 2 seeds stay at 0.92-0.95 from   504  517 s 4,000
+                                         2,000 to 4,000 steps (0.952/0.952, 0.954/0.949)
   {16, 32} 3:1, cosine over 2,500 steps none: jumps 1,100-1,800 (0.71/0.64, 0.97/0.96, 0.98/0.97) 308 308 s 2,500
   BaseConv [3, implicit long], 3:1       none (0.276/0.269, 0.283/0.264, 0.278/0.259)         141  140 s 1,200
 The mixture does transfer: every seed that left the plateau did so at both lengths together (L 32 within 0.02
 of L 16), and weighting the short length 3:1 made all 3 seeds jump by 1,400 steps (1:1: 1 of 3 by 2,500;
 rotary at L 16 alone: 3 of 3 jumped by 2,000, at L 32 alone 0 of 3 by 3,000), but at 3:1 the climb after the
-jump stays at 0.94-0.97 by 2,500 steps with the constant lr (cosine decay over 2,500 steps ends too early for
-the late seed). BaseConv on the same mixture: 0.279 ± 0.003 at L 16, 0.264 ± 0.004 at L 32 (lower, falling,
-near the 0.25 of guessing). An attention population costs about 0.12 CPU s per step here (compilation
-included), so 2,500 steps of attention alone already take ~5 minutes: no preset from these; {16, 32, 64}
-(twice the step cost) was not run.
+jump stalls at 0.92-0.97 with the constant lr (2 of 3 seeds still there at 4,000 steps; cosine decay over
+2,500 steps ends too early for the late seed). BaseConv on the same mixture: 0.279 ± 0.003 at L 16, 0.264 ±
+0.004 at L 32 (lower, falling, near the 0.25 of guessing). An attention population costs about 0.12 CPU s per
+step here (compilation included), so 2,500 steps of attention alone already take ~5 minutes: no preset from
+these; {16, 32, 64} (twice the step cost) was not run.
 
 Rotary positions moved the jump off the ~0.33 plateau at L = 16 from 2,000-2,600 steps to 1,000-1,500, but
 with the constant lr one seed of three then climbs only to ~0.94 (lr 3e-3's noise floor); the cosine decay
