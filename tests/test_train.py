@@ -93,8 +93,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
   good = sorted(os.listdir(tmp_path / "checkpoints"))
   real_sums = tasks.mqar_sums
 
-  def poisoned(model, batch, k):
-    m = real_sums(model, batch, k)
+  def poisoned(model, batch, k, dropout_key=None):
+    m = real_sums(model, batch, k, dropout_key)
     return {**m, "loss_sum": m["loss_sum"] * jnp.nan}
 
   monkeypatch.setattr(tasks, "mqar_sums", poisoned)
