@@ -90,8 +90,9 @@ these; {16, 32, 64} (twice the step cost) was not run. Then {16, 32} 3:1 with th
 steps (40 epochs of 100; `--config.train.schedule=cosine --config.train.epochs=40`, load 0.7-4): all 3
 seeds >= 0.995 on validation at 3,300-3,500 steps, test L 16 / L 32 per seed 0.994/0.993, 0.997/0.994,
 0.999/0.999 (3 of 3 at both lengths), 430 CPU s, 6 min 25 s wall for the attention population alone. Not yet
-a preset: BaseConv was not rerun under this schedule, and the table's "seeds >= 0.99" column and
-`accuracy_vs_length.png` do not yet read a mixed run per length.
+a preset: the table's "seeds >= 0.99" column and `accuracy_vs_length.png` do not yet read a mixed run per
+length. BaseConv under the same recipe (load 0.6-2.2): test 0.282 at L 16, 0.263 at L 32 (0/3), 3 min 35 s,
+344 CPU s; the pair takes ~10 minutes, not the 5 aimed at.
 
 Rotary positions moved the jump off the ~0.33 plateau at L = 16 from 2,000-2,600 steps to 1,000-1,500, but
 with the constant lr one seed of three then climbs only to ~0.94 (lr 3e-3's noise floor); the cosine decay
