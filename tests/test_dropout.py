@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from zoo_jax import config as config_lib
+from zoo_jax import layers
 from zoo_jax import sharding
 from zoo_jax import tasks
 from zoo_jax import train
@@ -81,7 +82,7 @@ def test_each_rate_changes_the_training_loss_deterministically_per_key(options):
 
 def test_dropout_keeps_each_element_with_probability_one_minus_rate_and_rescales():
   rate, n = 0.1, 200_000
-  y = attention.dropout(jnp.full((n,), 2.0), rate, jax.random.key(0))
+  y = layers.dropout(jnp.full((n,), 2.0), rate, jax.random.key(0))
   dropped = int(jnp.sum(y == 0))
   assert abs(dropped - rate * n) < 5 * math.sqrt(n * rate * (1 - rate))  # 5 binomial standard deviations
   np.testing.assert_allclose(np.asarray(y[y != 0]), 2.0 / (1 - rate), rtol=1e-6)
@@ -90,7 +91,7 @@ def test_dropout_keeps_each_element_with_probability_one_minus_rate_and_rescales
 def test_embedding_dropout_drops_the_configured_fraction_of_layer_0_inputs(monkeypatch):
   """The mask the model draws for its embeddings (fold_in(key, 0)), through the real forward."""
   rate, seen = 0.25, {}
-  real = attention.dropout
+  real = layers.dropout
 
   def spy(x, r, key):
     if r == rate and "embed" not in seen:

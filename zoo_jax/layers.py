@@ -64,7 +64,6 @@ def linear(d_in: int, d_out: int, *, axes: tuple[str | None, str | None], rngs: 
       bias_init=logical(jax.nn.initializers.zeros, (axes[1],)))
 
 
-
 class FusedLinear(nnx.Module):
   """x W + b for a fused projection whose output is split later (q / k / v, the two halves of a gate), with
   the split kept as a dimension of its own: kernel (d_in, *out_shape), e.g. (embed, 3, heads, head_dim) as
@@ -98,6 +97,16 @@ class FusedLinear(nnx.Module):
     x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, self.kernel[...], bias), dtype=self.dtype)
     y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
     return y if bias is None else y + bias
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Inverted dropout, stateless: each element zeroed with probability `rate` (a Bernoulli mask drawn from
+  `key`), the rest scaled by 1 / (1 − rate); `x` itself when `key` is None or the rate is 0."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
 
 def _torch_conv_init(fan_in: int):
   """PyTorch's default Conv1d init for weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""

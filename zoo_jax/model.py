@@ -85,7 +85,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo_jax import layers, mixers, sharding
-from zoo_jax.mixers.attention import dropout
+from zoo_jax.layers import dropout
 
 STATE_MIXERS = ("none", "mlp", "glu")
 BLOCKS = ("zoology", "prenorm", "mamba")

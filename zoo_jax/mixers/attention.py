@@ -76,24 +76,12 @@ def validate_dropout(field: str, rate: float, implementation: str | None) -> Non
                      f"materialised softmax probabilities), got {implementation!r}")
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-  """Inverted dropout, stateless: each element zeroed with probability `rate` (a Bernoulli mask drawn from
-  `key`), the rest scaled by 1 / (1 − rate); `x` itself when `key` is None or the rate is 0."""
-  if key is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
-
-
 def dropout_attention(q_blhk: jax.Array, k_blhk: jax.Array, v_blhk: jax.Array, *, rate: float,
                       key: jax.Array | None, window: int | None = None) -> jax.Array:
   """Causal softmax attention (scale 1/sqrt(k); `window` w: query i sees keys i − w .. i) with dropout on
-  the (b, h, l, l) float32 probabilities, as Zoology's `SelfAttention`; the output has q's dtype."""
-  l, scale = q_blhk.shape[1], q_blhk.shape[-1] ** -0.5
-  s_bhij = jnp.einsum("bihk,bjhk->bhij", q_blhk, k_blhk, preferred_element_type=jnp.float32) * scale
-  i, j = jnp.arange(l)[:, None], jnp.arange(l)[None]
-  mask_ij = (j <= i) if window is None else (j <= i) & (i - j <= window)
-  p_bhij = dropout(jax.nn.softmax(jnp.where(mask_ij, s_bhij, -jnp.inf), axis=-1), rate, key)
+  the (b, h, l, l) float32 probabilities (`ops.attention.causal_probabilities`), as Zoology's
+  `SelfAttention`; the output has q's dtype."""
+  p_bhij = layers.dropout(attention_ops.causal_probabilities(q_blhk, k_blhk, window=window), rate, key)
   return jnp.einsum("bhij,bjhk->bihk", p_bhij.astype(v_blhk.dtype), v_blhk,
                     preferred_element_type=jnp.float32).astype(q_blhk.dtype)
 

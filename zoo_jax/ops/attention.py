@@ -120,15 +120,21 @@ def causal_attention(q_blhk, k_blhk, v_blhk, *, window: int | None = None, imple
   return blockwise_attention(q_blhk, k_blhk, v_blhk, window, min(c, l))
 
 
-def attention_reference(q_blhk, k_blhk, v_blhk, *, window: int | None = None):
-  """The masked l×l softmax, float32 (the definition; tests only)."""
+def causal_probabilities(q_blhk, k_blhk, *, window: int | None = None):
+  """The masked l×l softmax probabilities (b, h, l, l), float32: the definition every path computes (the
+  reference below, and attention dropout, which needs them materialised)."""
   l, scale = q_blhk.shape[1], q_blhk.shape[-1] ** -0.5
   f32 = lambda a: a.astype(jnp.float32)
   s_bhij = jnp.einsum("bihk,bjhk->bhij", f32(q_blhk), f32(k_blhk)) * scale
   i, j = jnp.arange(l)[:, None], jnp.arange(l)[None]
   mask_ij = (j <= i) if window is None else (j <= i) & (i - j <= window)
-  p_bhij = jax.nn.softmax(jnp.where(mask_ij, s_bhij, -jnp.inf), axis=-1)
-  return jnp.einsum("bhij,bjhk->bihk", p_bhij, f32(v_blhk)).astype(q_blhk.dtype)
+  return jax.nn.softmax(jnp.where(mask_ij, s_bhij, -jnp.inf), axis=-1)
+
+
+def attention_reference(q_blhk, k_blhk, v_blhk, *, window: int | None = None):
+  """The masked l×l softmax, float32 (the definition; tests only)."""
+  p_bhij = causal_probabilities(q_blhk, k_blhk, window=window)
+  return jnp.einsum("bhij,bjhk->bihk", p_bhij, v_blhk.astype(jnp.float32)).astype(q_blhk.dtype)
 
 
 # ----- blockwise (FlashAttention-2) -----
