@@ -29,8 +29,7 @@ import numpy as np
 
 # GPT-2's pre-tokenisation regex (openai/gpt-2 encoder.py; tiktoken's `gpt2` encoding uses the same).
 _GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-_EOT = "<|endoftext|>"
-EOT = _EOT
+EOT = "<|endoftext|>"
 # Tokenizers shipped in zoo_jax/data/tokenizers/<name>.json, selectable by name (`data.tokenizer='<name>'`).
 SHAKESPEARE_BPE = "shakespeare_bpe2k"
 SHIPPED = (SHAKESPEARE_BPE,)
@@ -105,7 +104,7 @@ def _load_gpt2_bpe(encoder_json: str, vocab_bpe: str) -> Tokenizer:
     encoder = json.load(f)
   byte_of = _bytes_to_unicode()
   try:
-    ranks = {bytes(byte_of[c] for c in token): i for token, i in encoder.items() if token != _EOT}
+    ranks = {bytes(byte_of[c] for c in token): i for token, i in encoder.items() if token != EOT}
   except KeyError:
     raise ValueError(f"data.tokenizer: {encoder_json} is not a GPT-2 byte-level encoder.json") from None
   with open(vocab_bpe, encoding="utf-8") as f:
@@ -113,9 +112,9 @@ def _load_gpt2_bpe(encoder_json: str, vocab_bpe: str) -> Tokenizer:
   if len(ranks) != 256 + n_merges:
     raise ValueError(f"data.tokenizer: {encoder_json} has {len(ranks)} byte tokens but {vocab_bpe} lists "
                      f"{n_merges} merges (expected {len(ranks) - 256})")
-  eot = encoder.get(_EOT, len(ranks))
+  eot = encoder.get(EOT, len(ranks))
   enc = tiktoken.Encoding(name="gpt2_offline", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks,
-                          special_tokens={_EOT: eot})
+                          special_tokens={EOT: eot})
   digest = _files_sha256(encoder_json, vocab_bpe)
   name = "gpt2" if digest[:8] == _GPT2_ID else f"bpe{digest[:8]}"
   return Tokenizer(name=name, vocab_size=enc.n_vocab, eot_id=eot, _impl=enc, digest=digest)
@@ -130,9 +129,9 @@ def _load_tokenizer_json(path: str, name: str = "") -> Tokenizer:
     tok = tokenizers.Tokenizer.from_file(path)
   except Exception as e:  # pylint: disable=broad-except  # the Rust error names no file
     raise ValueError(f"data.tokenizer: cannot read {path}: {e}") from None
-  eot = next((tok.token_to_id(t) for t in (_EOT, "</s>", "<eos>") if tok.token_to_id(t) is not None), None)
+  eot = next((tok.token_to_id(t) for t in (EOT, "</s>", "<eos>") if tok.token_to_id(t) is not None), None)
   if eot is None:
-    raise ValueError(f"data.tokenizer: {path} has no end-of-text token ({_EOT}, </s> or <eos>)")
+    raise ValueError(f"data.tokenizer: {path} has no end-of-text token ({EOT}, </s> or <eos>)")
   digest = _files_sha256(path)
   return Tokenizer(name=name or f"tok{digest[:8]}", vocab_size=tok.get_vocab_size(with_added_tokens=True),
                    eot_id=eot, _impl=tok, digest=digest)
