@@ -25,7 +25,6 @@ import sys
 
 from absl import logging
 from absl import flags
-import numpy as np
 
 from zoo_jax import checkpoint
 from zoo_jax import cli
@@ -38,60 +37,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
                                required=True)
 
 
-def _accuracy(s: dict) -> str:
-  if s.get("num_seeds", 1) > 1:
-    return f"{s['test_accuracy']:.3f} ± {s['test_std']:.3f}"
-  return f"{s['test_accuracy']:.3f}"
-
-
-def format_table(summaries: dict) -> str:
-  slices = sorted({s for summary in summaries.values() for s in summary["test_slices"]},
-                  key=lambda s: [int(x) for x in s[1:].split("_kv")])
-  header = ["run", "d_model", "params", "state size", "lr", "valid acc", "test acc",
-            *(f"test {s}" for s in slices), f"seeds ≥ {train.SOLVED_ACCURACY}", "best epoch", "tok/s", "train s"]
-  rows = [header, ["---"] * len(header)]
-  for name, s in summaries.items():
-    best_epoch = s["best_epoch"] if isinstance(s["best_epoch"], list) else [s["best_epoch"]]
-    solved = (f"{s['seeds_solved']}/{s['num_seeds']}" if "seeds_solved" in s
-              else f"{int(s['test_accuracy'] >= train.SOLVED_ACCURACY)}/1")
-    rows.append([name, str(s["d_model"]), f"{s['num_params']:,}", f"{s['state_size']:,}",
-                 f"{s['learning_rate']:.0e}" if "learning_rate" in s else "–",
-                 f"{s['validation_accuracy']:.3f}", _accuracy(s),
-                 *(f"{s['test_slices'][sl]:.3f}" if sl in s["test_slices"] else "–" for sl in slices),
-                 solved, ",".join(map(str, best_epoch)), f"{s['tokens_per_sec']:,.0f}", f"{s['train_seconds']:.0f}"])
-  return "\n".join("| " + " | ".join(r) + " |" for r in rows)
-
-
-def plot_accuracy_vs_length(summaries: dict, path: str) -> bool:
-  """Test accuracy against the training length per mixer (mean ± std over seeds) to `path`; False (nothing
-  written) unless some mixer has runs at two or more lengths."""
-  curves: dict[str, dict[int, tuple[float, float]]] = {}
-  for s in summaries.values():
-    if "seq_len" in s:
-      mixer = s["mixer"]["name"] if isinstance(s["mixer"], dict) else str(s["mixer"])
-      curves.setdefault(mixer, {})[int(s["seq_len"])] = (s["test_accuracy"], s.get("test_std", 0.0))
-  if not any(len(points) > 1 for points in curves.values()):
-    return False
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  for mixer, points in sorted(curves.items()):
-    lengths = sorted(points)
-    mean, std = (np.asarray([points[l][i] for l in lengths]) for i in (0, 1))
-    ax.errorbar(lengths, mean, yerr=std, marker="o", capsize=3, label=mixer)
-  widths = sorted({s["d_model"] for s in summaries.values()})
-  ax.set(xscale="log", xlabel="sequence length L", ylabel="MQAR test accuracy", ylim=(-0.02, 1.02),
-         title=f"d_model {', '.join(map(str, widths))}: mean ± std over seeds")
-  ax.minorticks_off()
-  ax.set_xticks(sorted({l for p in curves.values() for l in p}))
-  ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return True
+format_table = train.format_table  # the table and the plot live in zoo_jax/train.py (unit-tested there)
+plot_accuracy_vs_length = train.plot_accuracy_vs_length
 
 
 def population_axes(config) -> tuple[dict, list[int], list[float]]:
@@ -152,6 +99,8 @@ def main(argv):
               if any(s.get("num_seeds", 1) > 1 for s in summaries.values()) else
               "model chosen on validation, accuracy on test")
   print(f"\nMQAR accuracy ({protocol}):\n" + table)
+  print(f"(a seed counts in 'seeds ≥ {train.SOLVED_ACCURACY} at every L' only if it reaches "
+        f"{train.SOLVED_ACCURACY} on every test length)")
   plot = os.path.join(_WORKDIR.value, "accuracy_vs_length.png")
   if plot_accuracy_vs_length({n: summaries[n] for n in configs if n in summaries}, plot):
     print(f"\naccuracy against length: {plot}")
