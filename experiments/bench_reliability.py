@@ -23,7 +23,8 @@ what failed):
      newest); exit 0 with a summary that differs is flagged SILENT WRONG RESULT;
   2. two processes started at once on one workdir (and one started once the first has checkpointed): how
      fast the second refuses (after its own start-up: imports and config), its stderr, the first's summary
-     against U;
+     against U; the one holding the lock is paused (SIGSTOP) until the other has exited, so that load cannot
+     let it finish first (its wall time includes the pause);
   3. `checkpoints` is a file, a dangling symlink or a symlink to a file: exit code, stderr, seconds (a
      timeout catches hangs), nothing written;
   4. a non-finite loss (lr 10, weight decay 10, batch 8) before any checkpoint and after good ones: the
@@ -159,6 +160,17 @@ class Run:
     self.popen.send_signal(signal.SIGKILL)
     return True
 
+  def pause(self) -> bool:
+    """SIGSTOP (it keeps its flock and its place; SIGKILL still ends it); True if it was still running."""
+    if not self.alive():
+      return False
+    self.popen.send_signal(signal.SIGSTOP)
+    return True
+
+  def resume(self) -> None:
+    if self.alive():
+      self.popen.send_signal(signal.SIGCONT)
+
   def wait(self, timeout: float) -> "Run":
     try:
       self.popen.wait(timeout)
@@ -289,6 +301,16 @@ def entries(workdir: str) -> list[str]:
 def finished_steps(workdir: str) -> list[int]:
   directory = ckpt_dir(workdir)
   return sorted(int(n) for n in entries(workdir) if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+def lock_holder(workdir: str) -> int | None:
+  """The pid in the run's `.lock`, which `open_workdir` writes once it holds the flock; None before."""
+  try:
+    with open(os.path.join(run_dir(workdir), ".lock")) as f:
+      text = f.read().strip()
+  except FileNotFoundError:
+    return None
+  return int(text) if text.isdigit() else None
 
 
 def leftovers(workdir: str) -> list[str]:
@@ -632,13 +654,28 @@ def part2(bench: Bench, trials: int) -> str:
   for trial in range(trials + 1):
     workdir = bench.path("p2", f"trial{trial}")
     at_once = trial < trials
+    # The run holding the lock is paused (SIGSTOP, which keeps its flock) from the event (its pid in `.lock`;
+    # its first checkpoint on disk) until the other has exited: on a loaded machine it could otherwise finish
+    # before the other's start-up reaches the lock, and the other would then resume a finished run.
     first = bench.start(workdir)
+    deadline = time.monotonic() + bench.timeout
     if not at_once:  # the second once the first has written a checkpoint
-      while first.alive() and not finished_steps(workdir):
+      while first.alive() and not finished_steps(workdir) and time.monotonic() < deadline:
         time.sleep(0.002)
+      first.pause()
     second = bench.start(workdir)
-    first.wait(bench.timeout)
-    second.wait(bench.timeout)
+    holder, other = first, second
+    if at_once:
+      pids = {first.popen.pid: (first, second), second.popen.pid: (second, first)}
+      while (first.alive() or second.alive()) and lock_holder(workdir) not in pids and time.monotonic() < deadline:
+        time.sleep(0.002)
+      holder, other = pids.get(lock_holder(workdir), (first, second))
+      holder.pause()
+    try:
+      other.wait(bench.timeout)
+    finally:
+      holder.resume()
+    holder.wait(bench.timeout)
     runs = sorted([first, second], key=lambda r: r.rc != 0)  # the one that trained first
     winner, loser = runs
     after_startup = (loser.wall - loser.time_of(f"=== {RUN} ===")) if loser.time_of(f"=== {RUN} ===") else None
