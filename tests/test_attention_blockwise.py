@@ -211,3 +211,54 @@ def test_the_default_is_the_measured_fastest_for_the_backend():
   expected = attention_ops.FASTEST.get(jax.default_backend(), "xla")
   assert attention_ops.default_implementation(jnp.float32) == expected
   assert attention_ops.resolve(None, jnp.float32) == expected
+
+
+# ----- the dispatch table (zoo_jax/mixers/attention.py's docstring) -----
+
+
+@pytest.mark.parametrize("backend,dtype,expected", [
+    ("gpu", jnp.bfloat16, "cudnn"), ("gpu", jnp.float16, "cudnn"), ("gpu", jnp.float32, "blockwise"),
+    ("cpu", jnp.bfloat16, "blockwise"), ("cpu", jnp.float32, "blockwise"), ("tpu", jnp.bfloat16, "blockwise"),
+])
+def test_the_default_by_backend_and_dtype_is_the_table(monkeypatch, backend, dtype, expected):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  assert attention_ops.default_implementation(dtype) == expected
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN exists on GPU")
+@pytest.mark.parametrize("name", ["attention", "sliding_window", "blocked"])
+def test_cudnn_off_gpu_is_refused_when_a_hybrid_config_is_parsed_naming_its_field(name):
+  with pytest.raises(ValueError) as err:
+    mixers.parse({"name": "hybrid", "mixers": [{"name": "base_conv"}, {"name": name, "implementation": "cudnn"}]})
+  assert str(err.value).startswith("model.mixer.mixers[1].implementation='cudnn' needs a GPU")
+  assert "\n" not in str(err.value)
+
+
+def test_explicit_cudnn_on_gpu_refuses_float32_and_runs_blockwise_on_the_float32_cache_paths(monkeypatch):
+  """Built (no compute) under a GPU backend: a float32 model with 'cudnn' is one line naming the fields; a
+  bf16 one keeps cuDNN for bf16 activations and runs blockwise for the float32 cache buffer; None stays None."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with pytest.raises(ValueError) as err:
+    _build({"name": "sliding_window", "window_size": 4, "implementation": "cudnn"}, 16, jnp.float32)
+  assert str(err.value).startswith("model.mixer.implementation='cudnn' takes model.dtype bfloat16")
+  assert "\n" not in str(err.value)
+  mixer = _build({"name": "sliding_window", "window_size": 4, "implementation": "cudnn"}, 16, jnp.bfloat16)
+  assert mixer.implementation_for(jnp.bfloat16) == "cudnn"
+  assert mixer.implementation_for(jnp.float32) == "blockwise"
+  assert _build({"name": "attention"}, 16, jnp.float32).implementation_for(jnp.float32) is None
+
+
+@pytest.mark.skipif(attention_ops.default_implementation(jnp.float32) != "blockwise",
+                    reason="the default path is blockwise on this backend")
+def test_a_prefill_from_position_0_takes_the_training_path_with_no_l_by_l_array():
+  """`generate`'s prefill (return_state, no state) runs the default (blockwise) path: no equation produces an
+  l×l array, while the same prefill on 'xla' has one (the check can fail). Compiled temporaries of this
+  prefill (d 16, one head) measured at l 512 / 1,024 / 2,048: default 1.0 / 1.9 / 3.7 MB (linear), 'xla'
+  and a prefill from a state (`extend_cache`, XLA whatever the implementation) 2.1 / 8.4 / 33.6 MB (l²)."""
+  l = 256
+  x = jnp.zeros((1, l, D), jnp.float32)
+  def largest(implementation):
+    graphdef, params = nnx.split(_build({"name": "attention", "implementation": implementation}, l))
+    return _largest_intermediate(lambda p, x_: nnx.merge(graphdef, p)(x_, return_state=True), params, x)
+  assert largest("xla") >= l * l
+  assert largest(None) <= l * attention_ops.block_len(l)

@@ -27,9 +27,31 @@ softmax is `jax.nn.dot_product_attention`, which XLA fuses, and on GPU can use c
 'xla' (`jax.nn.dot_product_attention`'s XLA path: l×l float32 logits, the masked half computed too),
 'cudnn' (its cuDNN flash kernel: GPU only, bf16 / fp16), 'blockwise' (FlashAttention-2 in plain JAX on
 every backend: key blocks with an online float32 softmax, blocks above the diagonal skipped, a
-recomputing backward, never an l×l array). None is the fastest measured for the backend: blockwise on
-CPU (experiments/bench_attention.py); on GPU, unmeasured, cuDNN for bf16 / fp16 and blockwise otherwise.
-The float32 cache paths (prefill from a state, `step`) mask the cache with the XLA path.
+recomputing backward, never an l×l array).
+
+Which path runs: THE table for `attention`, `sliding_window`, `blocked` and `sparse_attention`'s
+selection='full' (the others' docstrings point here; `Attention.implementation_for`, `check_implementation`,
+`validate_implementation`, `validate_dropout` and `ops.attention.default_implementation` implement it).
+
+  call                                  activations    None                          explicit choice
+  training, dropout > 0 (a key)         any            `dropout_attention`: the      'xla': the same; 'blockwise',
+                                                       (b, h, l, l) probabilities    'cudnn': refused (config time)
+  training without dropout, evaluation, bf16 / fp16    GPU 'cudnn', CPU / TPU        as given
+  prefill from position 0 (no state)    float32        'blockwise' (`FASTEST`)       as given; 'cudnn': refused (build)
+  local attentions' cache paths         float32        'blockwise'                   'cudnn' runs 'blockwise' (cuDNN
+  (prefill from a state, buffer)                                                     takes no float32); others as given
+  `Attention` from a state / `step`     float32        'xla' (l × L mask over the    'xla' whatever was chosen
+                                                       cache)
+
+Why: CPU's default is measured (experiments/bench_attention.py, README); GPU's is unmeasured (cuDNN where
+it runs, blockwise elsewhere). Dropout needs the probabilities materialised, which only the XLA path has.
+`Attention`'s cache path stays on XLA: its queries sit at per-example positions t .. t + l − 1 (t traced)
+over an L-slot cache, which the blockwise op (queries and keys aligned from position 0) does not take; a
+step (l = 1) costs O(L) on any path, and `generate`'s prefill (no state) already takes the training path,
+so its temporaries are linear in L (tests/test_attention_blockwise.py). Impossible explicit choices are one
+line naming the field, before any compute: 'cudnn' off GPU when the config is parsed (`validate`, the
+field including a hybrid's `mixers[i]`), 'cudnn' with model.dtype float32 when the mixer is built (the
+module knows its dtype, not its place in a hybrid: `model.mixer.implementation`).
 
 State: the KV cache, 2·d·L elements per example per layer: keys (rotated when `rotary`) and values of
 the positions seen so far at cache slots 0 .. t − 1, and the per-example position t. Given a state, the
@@ -54,17 +76,19 @@ IMPLEMENTATIONS = tuple(impl for impl in attention_ops.IMPLEMENTATIONS if impl !
 
 
 def validate_implementation(field: str, implementation: str | None) -> None:
+  """When the config is parsed: a known name, and 'cudnn' only on a GPU (the table in the module docstring)."""
   if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(f"{field}.implementation must be one of None, {', '.join(map(repr, IMPLEMENTATIONS))}; "
                      f"got {implementation!r}")
+  attention_ops.resolve(implementation, field=f"{field}.implementation")  # 'cudnn' off GPU
 
 
 def check_implementation(implementation: str | None, dtype: Any) -> None:
-  """At construction, before any compute: 'cudnn' needs a GPU and bf16 / fp16 activations."""
+  """At construction, before any compute: 'cudnn' needs a GPU and bf16 / fp16 activations (model.dtype)."""
   attention_ops.resolve(implementation, dtype, field="model.mixer.implementation")
   if implementation == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
-    raise ValueError(f"model.mixer.implementation='cudnn' takes bf16 / fp16 activations, got "
-                     f"{jnp.dtype(dtype).name}: use 'blockwise' or 'xla'")
+    raise ValueError(f"model.mixer.implementation='cudnn' takes model.dtype bfloat16 / float16 (cuDNN has no "
+                     f"float32 kernel), got {jnp.dtype(dtype).name}: use None, 'blockwise' or 'xla'")
 
 
 def validate_dropout(field: str, rate: float, implementation: str | None) -> None:
@@ -182,8 +206,9 @@ class Attention(nnx.Module):
     return dropout_key is not None and self.dropout_rate > 0
 
   def implementation_for(self, dtype: Any) -> str | None:
-    """`implementation` for activations of `dtype`: cuDNN takes no float32, so the float32 paths (the local
-    attentions' cache path) run 'blockwise' in its place."""
+    """`implementation` for activations of `dtype` (the module docstring's table): cuDNN takes no float32,
+    so an explicit 'cudnn' (allowed only with bf16 / fp16 model.dtype) runs 'blockwise' on the float32
+    paths (the local attentions' cache path); None stays None (`ops.attention` picks by backend and dtype)."""
     if self.implementation == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
       return "blockwise"
     return self.implementation
@@ -197,7 +222,8 @@ class Attention(nnx.Module):
   def extend_cache(self, state: dict[str, jax.Array], x_bld: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
     """l tokens after the state's t: their keys and values go into cache slots t .. t + l − 1 (one
     dynamic_update_slice per example; t + l must not pass the cache's length), and query i attends over
-    slots 0 .. t + i. In float32, as the cache is."""
+    slots 0 .. t + i. In float32, as the cache is, on the XLA path whatever `implementation` (the module
+    docstring's table says why)."""
     b, l, d = x_bld.shape
     qkv = self.qkv_proj(x_bld).astype(jnp.float32)  # (b, l, 3, h, d/h)
     q_blhk, k_blhk, v_blhk = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -209,7 +235,7 @@ class Attention(nnx.Module):
     put = jax.vmap(lambda cache_shk, t, new_lhk: jax.lax.dynamic_update_slice_in_dim(cache_shk, new_lhk, t, 0))
     k_cache, v_cache = put(state["k"], t_b, k_blhk), put(state["v"], t_b, v_blhk)
     mask_bls = jnp.arange(k_cache.shape[1])[None, None] <= positions_bl[:, :, None]
-    y_blhk = jax.nn.dot_product_attention(q_blhk, k_cache, v_cache, mask=mask_bls[:, None])
+    y_blhk = jax.nn.dot_product_attention(q_blhk, k_cache, v_cache, mask=mask_bls[:, None], implementation="xla")
     y_bld = self.out_proj(y_blhk.reshape(b, l, d).astype(x_bld.dtype))
     return dict(k=k_cache, v=v_cache, t=t_b + l), y_bld
 

@@ -15,7 +15,8 @@ Computed block by block (the sequence padded at the end to a multiple of b, padd
 parallel form costs O(L·b·d), not O(L²·d). `implementation` (default None) as `attention`'s
 (`ops.attention`) computes the causal attention inside each block: 'xla' its b×b masked logits,
 'blockwise' FlashAttention-2 by key blocks (blocks above the diagonal skipped: it matters for b > 128),
-'cudnn' cuDNN's kernel (GPU, bf16 / fp16). `dropout` (default 0; zoo_jax's, Zoology has no such mixer): during
+'cudnn' cuDNN's kernel (GPU, bf16 / fp16); None and each call's path: the table in
+`zoo_jax.mixers.attention`'s docstring. `dropout` (default 0; zoo_jax's, Zoology has no such mixer): during
 training, dropout on each block's softmax probabilities as `attention`'s (materialised b×b per block;
 explicit 'blockwise' / 'cudnn' with dropout > 0 are refused).
 

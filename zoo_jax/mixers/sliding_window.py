@@ -14,8 +14,8 @@ w >= L − 1 is full causal attention.
 `implementation` (default None) as `attention`'s (`ops.attention`): 'xla' masks the l×l logits
 (`jax.nn.dot_product_attention`'s `local_window_size`: O(L²) however small w); 'blockwise' computes only
 the key blocks within reach of each query block, a band of ⌈w/c⌉ + 1 blocks of c tokens, O(L·w); 'cudnn'
-is cuDNN's sliding-window kernel (GPU, bf16 / fp16). None: blockwise on CPU and on GPU for float32,
-cuDNN on GPU for bf16 / fp16 (unmeasured on GPU).
+is cuDNN's sliding-window kernel (GPU, bf16 / fp16). None, and which path each call takes (training,
+dropout, cache): the table in `zoo_jax.mixers.attention`'s docstring.
 
 `dropout` (default 0, as Zoology's `SlidingAttn(dropout=0.0)`): during training, dropout on the softmax
 probabilities as `attention`'s (the l×l probabilities materialised, `attention.dropout_attention` with the

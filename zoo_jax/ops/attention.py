@@ -49,7 +49,7 @@ from zoo_jax.ops import _dispatch
 IMPLEMENTATIONS = ("reference", "xla", "cudnn", "blockwise")
 # Measured on CPU by experiments/bench_attention.py (README "Kernels and benchmarks"). GPU is unmeasured:
 # `default_implementation` picks cuDNN's fused kernel for bf16 / fp16 and blockwise otherwise (cuDNN takes
-# no float32).
+# no float32). Which path each mixer call takes (training, dropout, cache): zoo_jax/mixers/attention.py.
 FASTEST = {"cpu": "blockwise", "gpu": "blockwise", "tpu": "blockwise"}
 _MAX_BLOCK = 128
 _UNROLLED = 4  # full attention over at most this many blocks: the rows path (temporaries grow as l²)
