@@ -523,12 +523,29 @@ def test_different_config_is_refused_and_left_unchanged(tmp_path):
   other = json.dumps(dict(model=dict(d_model=128), train=dict(steps=10), data=dict(seed=1)))
   with pytest.raises(checkpoint_lib.CheckpointError) as e:
     checkpoint_lib.open_workdir(workdir, other)
-  assert str(e.value) == (f"workdir {workdir} holds a run with a different config (sections differ: "
-                          "['data', 'model']); use a new --workdir")
+  assert str(e.value) == (f"workdir {workdir} holds a run with a different config (data: absent -> "
+                          '{"seed": 1}, model.d_model: 64 -> 128); use a new --workdir')
   with open(os.path.join(workdir, "config.json")) as f:
     assert f.read() == CONFIG
   assert os.stat(os.path.join(workdir, "config.json")).st_mtime_ns == before.st_mtime_ns
   checkpoint_lib.open_workdir(workdir, CONFIG).release()  # the refusal released the lock
+
+
+def test_key_added_since_the_workdir_was_written_resumes_at_its_default_only(tmp_path):
+  workdir = str(tmp_path / "run")
+  checkpoint_lib.open_workdir(workdir, CONFIG).release()  # written before `model.dropout` existed
+  defaults = dict(model=dict(d_model=32, dropout=0.0), train=dict(steps=1), data=dict(seed=0))
+  newer = json.loads(CONFIG)
+  newer["model"]["dropout"] = 0.0
+  checkpoint_lib.open_workdir(workdir, json.dumps(newer), defaults).release()  # at its default: resumes
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert f.read() == CONFIG  # left as written
+  newer["model"]["dropout"] = 0.1
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r"\(model.dropout: absent -> 0.1\)"):
+    checkpoint_lib.open_workdir(workdir, json.dumps(newer), defaults)
+  newer["model"]["dropout"] = 0.0
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r"\(model.dropout: absent -> 0.0\)"):
+    checkpoint_lib.open_workdir(workdir, json.dumps(newer))  # without defaults every new key differs
 
 
 def test_checkpoints_path_that_is_a_file_is_refused(tmp_path):

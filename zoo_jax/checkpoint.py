@@ -88,7 +88,7 @@ import threading
 import types
 import warnings
 import weakref
-from typing import Any
+from typing import Any, Mapping
 
 from absl import logging
 import jax
@@ -213,14 +213,17 @@ class WorkdirLock:
     self.release()
 
 
-def open_workdir(workdir: str, config_json: str) -> WorkdirLock:
+def open_workdir(workdir: str, config_json: str, defaults: Mapping[str, Any] | None = None) -> WorkdirLock:
   """Claims a run's workdir for this process and checks it holds this run.
 
   Creates `workdir`, takes an exclusive non-blocking flock on `<workdir>/.lock` (another claim, from any
   process, gets WorkdirBusyError at once; the kernel drops the lock when the process dies, so a kill -9
   leaves none behind), refuses a `checkpoints` path that is not a directory, then compares
   `<workdir>/config.json` with `config_json` as JSON: a different config is refused (CheckpointError
-  naming the differing top-level sections; lock released, nothing written); an absent one is written.
+  naming the differing keys; lock released, nothing written); an absent one is written. With `defaults`
+  (every key's default, nested like the config), a key the workdir's config lacks counts as unchanged when
+  its new value is the default: a workdir written before an option existed resumes under a config that leaves
+  the option at its default (options default to the computation they replace); its config.json stays as is.
   """
   try:
     new_config = json.loads(config_json)
@@ -242,7 +245,7 @@ def open_workdir(workdir: str, config_json: str) -> WorkdirLock:
     ckpt_path = os.path.join(workdir, "checkpoints")
     if os.path.lexists(ckpt_path) and not os.path.isdir(ckpt_path):
       raise CheckpointError(f"{ckpt_path} exists and is not a directory; move it aside")
-    _check_or_write_config(workdir, new_config, config_json)
+    _check_or_write_config(workdir, new_config, config_json, defaults)
   except BaseException:
     lock.release()
     raise
@@ -262,7 +265,8 @@ def write_text(path: str, text: str) -> None:
       os.remove(tmp)
 
 
-def _check_or_write_config(workdir: str, new_config: Any, config_json: str) -> None:
+def _check_or_write_config(workdir: str, new_config: Any, config_json: str,
+                           defaults: Mapping[str, Any] | None = None) -> None:
   """A workdir holds one run: a different config is refused, never overwritten."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
@@ -274,14 +278,47 @@ def _check_or_write_config(workdir: str, new_config: Any, config_json: str) -> N
   except (OSError, ValueError) as e:
     raise CheckpointError(f"{path} is unreadable ({_one_line(e)}); move it aside or use a new "
                           "--workdir") from None
-  if old_config == new_config:
+  differ = config_differences(old_config, new_config, defaults)
+  if not differ:
     return
-  if isinstance(old_config, dict) and isinstance(new_config, dict):
-    sections = sorted(k for k in old_config.keys() | new_config.keys() if old_config.get(k) != new_config.get(k))
-  else:
-    sections = ["<top level>"]
-  raise CheckpointError(f"workdir {workdir} holds a run with a different config (sections differ: "
-                        f"{sections}); use a new --workdir")
+  shown = ", ".join(differ[:6]) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
+  raise CheckpointError(f"workdir {workdir} holds a run with a different config ({shown}); use a new --workdir")
+
+
+_ABSENT = object()
+
+
+def config_differences(old: Any, new: Any, defaults: Any = None, prefix: str = "") -> list[str]:
+  """The keys (dotted paths) at which `old` and `new` differ, each as `key: old -> new` (`absent` for a
+  missing key). A key only `new` has is no difference where `defaults` gives it the same value."""
+  if not (isinstance(old, dict) and isinstance(new, dict)):
+    return [] if old == new else [f"{prefix or '<top level>'}: {_short(old)} -> {_short(new)}"]
+  defaults = defaults if isinstance(defaults, Mapping) else {}
+  out = []
+  for key in sorted(old.keys() | new.keys()):
+    path = f"{prefix}.{key}" if prefix else str(key)
+    o, n, d = old.get(key, _ABSENT), new.get(key, _ABSENT), defaults.get(key, _ABSENT)
+    if o is _ABSENT and n is not _ABSENT and _json_equal(n, d):
+      continue
+    if o is _ABSENT or n is _ABSENT:
+      out.append(f"{path}: {_short(o)} -> {_short(n)}")
+    else:
+      out += config_differences(o, n, d, path)
+  return out
+
+
+def _json_equal(a: Any, b: Any) -> bool:
+  if b is _ABSENT:
+    return False
+  return json.loads(json.dumps(a, sort_keys=True, default=str)) == json.loads(
+      json.dumps(b, sort_keys=True, default=str))
+
+
+def _short(x: Any) -> str:
+  if x is _ABSENT:
+    return "absent"
+  text = json.dumps(x, sort_keys=True, default=str)
+  return text if len(text) <= 40 else text[:37] + "..."
 
 
 # ---------------------------------------------------------------------------------------------- Digest

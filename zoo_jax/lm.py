@@ -166,7 +166,8 @@ def train_lm(config: Any, workdir: str, *, _kill_after_steps: int | None = None,
       raise ValueError(f"train.{key} must be a multiple of the mesh's data × fsdp devices ({n_batch_devices}) "
                        f"and of the process count ({jax.process_count()}), got {cfg.train[key]}")
   lead = jax.process_index() == 0
-  lock = checkpoint_lib.open_workdir(workdir, cfg.to_json(indent=2, sort_keys=True)) if lead else None
+  lock = (checkpoint_lib.open_workdir(workdir, cfg.to_json(indent=2, sort_keys=True),
+                                      defaults=config_lib.lm_defaults().to_dict()) if lead else None)
   try:
     _sync("workdir")
     return _train(cfg, model_cfg, tok, mesh, workdir, lead, _kill_after_steps, _record_batches)
