@@ -4,16 +4,19 @@ r"""Memory and FLOPs of one LM training step, today's path beside the memory opt
   python experiments/bench_memory.py --presets=attention_125m --batch_size=8 --seq_len=1024
 
 Nothing is allocated: each step is compiled on the CPU from abstract arguments (jax.ShapeDtypeStruct) and
-read from XLA's `memory_analysis()` (temporaries) and `cost_analysis()` (FLOPs). The step is a plain
-value_and_grad + AdamW step over `LanguageModel` with the LM loss of `zoo_jax.tasks.token_logprobs`
-(the loss the trainer minimises), float32 parameters and optimizer state, compute in `--dtype`.
+read from XLA's `memory_analysis()` (temporaries) and `cost_analysis()` (FLOPs). The step is the trainer's
+own (`zoo_jax.trainer.make_train_step` over `tasks.LMTask`'s loss for a population of one, its state from
+`trainer.init_state` traced abstractly), so what is measured is what `experiments/lm.py` runs: the paper
+presets' optimizer (AdamW, gradient clipping, injected learning rate), float32 parameters, best parameters
+and optimizer state, compute in `--dtype`.
 
 Two paths per preset, compiled in the same run:
   today   model.remat='none', scan_layers=False, loss_chunk=0 (the (b, l, vocab) float32 logits, every
           activation kept for the backward, a Python loop over layers)
   new     the memory options of the paper-size presets (`zoo_jax.configs.lm.MEMORY`)
 Columns: temporaries per example (XLA's temp bytes / batch: an upper bound, it includes batch-independent
-buffers such as bf16 copies of the weights), parameter + gradient + AdamW bytes (float32, 4 copies), FLOPs
+buffers such as the float32 gradients and bf16 copies of the weights), state: XLA's argument bytes
+(float32 parameters, the trainer's best parameters, AdamW's two moments: 4 copies; and the tokens), FLOPs
 per step (XLA's count of the step without loops, see `measure`, so remat's recompute shows), and for the
 paper's global batch of 256 on 8 devices with FSDP over the 8 (parameters, gradients and optimizer state
 sharded / 8): the GiB one device needs at 256 / 8 = 32 examples (and at 16, two micro-batches) against
@@ -22,21 +25,23 @@ per head); where the attention mixer has a blockwise implementation (`zoo_jax.op
 FlashAttention-2 in plain JAX), a third row 'new+bw' is the new path with it; its FLOPs are undercounted
 (the blockwise op's own fori_loop body is counted once).
 
-`--fsdp=N` (N > 1) compiles the presets' `new` step itself sharded as `experiments/lm.py` shards it, on a
+`--fsdp=N` (N > 1) compiles the presets' `new` step itself sharded as `experiments/lm.py` shards it (the
+trainer's step and shardings), on a
 (data 1, fsdp N) mesh of N devices (N simulated CPU devices: the flag sets
 XLA_FLAGS=--xla_force_host_platform_device_count=N before jax is imported) with `sharding.LOGICAL_RULES`
 (parameters' embed axis and the optimizer state split over fsdp, the batch over fsdp), at the paper's
 global batch of 256 (`--batch_size` is ignored), and prints XLA's per-device bytes: arguments (parameters,
-AdamW state, tokens), temporaries, and their sum against 80 GB:
+best parameters, AdamW state, tokens; unsharded: the 4 float32 copies), temporaries, and their sum against
+80 GB:
 
   python experiments/bench_memory.py --fsdp=8 --presets=attention_360m,base_conv_360m
 """
 
-import contextlib
 import dataclasses
 import os
 import sys
 import time
+from typing import Any
 
 if __name__ == "__main__":  # simulated CPU devices for --fsdp=N: must be set before jax is imported
   _fsdp_arg = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--fsdp=")), "1")
@@ -46,23 +51,23 @@ if __name__ == "__main__":  # simulated CPU devices for --fsdp=N: must be set be
 
 from absl import app
 from absl import flags
-from flax import nnx
 import jax
 import jax.numpy as jnp
-import optax
 
-from zoo_jax import sharding, tasks
+from zoo_jax import sharding, tasks, trainer
 from zoo_jax.configs import lm as lm_configs
 from zoo_jax.model import LanguageModel, ModelConfig
 
-_PRESETS = flags.DEFINE_list("presets", list(lm_configs.PRESETS), "LM presets of zoo_jax/configs/lm.py.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "Sequence length.")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Examples per compiled step.")
-_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype.")
-_FSDP = flags.DEFINE_integer("fsdp", 1, "N > 1: the `new` step compiled sharded over a (data 1, fsdp N) mesh "
-                             "at global batch 256; per-device bytes.", lower_bound=1)
+if __name__ == "__main__":  # flags only as a binary: tests load this file as a module beside others
+  _PRESETS = flags.DEFINE_list("presets", list(lm_configs.PRESETS), "LM presets of zoo_jax/configs/lm.py.")
+  _SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "Sequence length.")
+  _BATCH = flags.DEFINE_integer("batch_size", 8, "Examples per compiled step.")
+  _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype.")
+  _FSDP = flags.DEFINE_integer("fsdp", 1, "N > 1: the `new` step compiled sharded over a (data 1, fsdp N) mesh "
+                               "at global batch 256; per-device bytes.", lower_bound=1)
 
 TODAY = dict(remat="none", scan_layers=False, loss_chunk=0)
+TRAIN = lm_configs.get_config("attention_125m").train  # the paper presets' optimizer (AdamW, clip 1.0, cosine)
 GiB = 2**30
 DEVICES, DEVICE_BYTES, PAPER_BATCH = 8, 80e9, 256
 
@@ -85,38 +90,34 @@ def model_config(preset: str, options: dict, seq_len: int, dtype: str) -> ModelC
   return ModelConfig.from_config(model, vocab_size=50_304, seq_len=seq_len)
 
 
-def compiled_step(cfg: ModelConfig, batch: int, mesh: jax.sharding.Mesh | None = None):
-  """The compiled train step of `cfg` on abstract arguments, and the parameter count. With `mesh`, sharded
-  as the trainer shards it: parameters by their logical axes (`sharding.LOGICAL_RULES`), the AdamW state
-  like its parameters, the batch over data × fsdp."""
-  abstract = nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract, nnx.Param)
-  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.to_pure_dict())
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(6e-4, weight_decay=0.1))
-  opt = jax.eval_shape(tx.init, params)
-  shardings = {}
-  if mesh is not None:
-    param_sh = sharding.param_shardings(nnx.get_partition_spec(state).to_pure_dict(), params, mesh)
-    rep = sharding.replicated(mesh)
-    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt, param_sh, transform_non_params=lambda _: rep)
-    shardings = dict(in_shardings=(param_sh, opt_sh, sharding.batch_sharding(mesh)),
-                     out_shardings=(param_sh, opt_sh, rep))
+def compiled_step(cfg: ModelConfig, batch: int, mesh: jax.sharding.Mesh | None = None, train_cfg: Any = None):
+  """`lowered_step` compiled, and the parameter count."""
+  lowered, n_params = lowered_step(cfg, batch, mesh, train_cfg)
+  return lowered.compile(), n_params
 
-  def loss_fn(p, tokens_bl):
-    return -jnp.mean(tasks.token_logprobs(nnx.merge(graphdef, p), tokens_bl))
 
-  def step(p, o, tokens_bl):
-    # As the trainer's step: under FSDP the activations are split by batch (sharding.activation_mesh).
-    with (sharding.activation_mesh(sharding.batch_sharding(mesh)) if mesh is not None
-          else contextlib.nullcontext()):
-      loss, grads = jax.value_and_grad(loss_fn)(p, tokens_bl)
-    updates, o = tx.update(grads, o, p)
-    return optax.apply_updates(p, updates), o, loss
+def lowered_step(cfg: ModelConfig, batch: int, mesh: jax.sharding.Mesh | None = None, train_cfg: Any = None):
+  """The trainer's own train step for `cfg` (`trainer.make_train_step` over `tasks.LMTask`'s loss, a
+  population of one), lowered on abstract arguments, and the parameter count. The state is
+  `trainer.init_state`'s, traced abstractly (`jax.eval_shape`: nothing allocated) with its shardings: on
+  `mesh` (default: a one-device mesh) parameters by their logical axes (`sharding.LOGICAL_RULES`), AdamW state
+  like its parameters, the batch over data × fsdp. `train_cfg`: the optimizer settings (default the paper
+  presets', `TRAIN`)."""
+  mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1]) if mesh is None else mesh
+  train_cfg = TRAIN if train_cfg is None else train_cfg
+  member = trainer.Member("bench", 0, train_cfg.learning_rate, train_cfg.weight_decay)
+  built = {}
 
-  tokens = jax.ShapeDtypeStruct((batch, cfg.seq_len), jnp.int32)
-  compiled = jax.jit(step, donate_argnums=(0, 1), **shardings).lower(params, opt, tokens).compile()
-  n_params = sum(x.size for x in jax.tree.leaves(params))
-  return compiled, n_params
+  def init():
+    built["graphdef"], state, built["sh"], built["tx"], built["unit"] = trainer.init_state(
+        cfg, train_cfg, [member], train_cfg.steps, mesh)
+    return state
+
+  state = jax.eval_shape(init)
+  task = object.__new__(tasks.LMTask)  # the step uses only its loss and step metrics: no data source is built
+  step = trainer.make_train_step(task, built["graphdef"], built["tx"], built["unit"], built["sh"])
+  batch_p = dict(tokens=jax.ShapeDtypeStruct((1, batch, cfg.seq_len), jnp.int32))
+  return step.lower(state, jax.ShapeDtypeStruct((1,), jnp.bool_), batch_p), trainer.count_params(state["params"])
 
 
 def flops(compiled) -> float:
@@ -130,7 +131,8 @@ def measure(cfg: ModelConfig, batch: int) -> dict:
   arithmetic: a scan or chunks reorder it, and only the padding of l - 1 to the chunk size adds any)."""
   t0 = time.perf_counter()
   compiled, n_params = compiled_step(cfg, batch)
-  r = dict(temp=compiled.memory_analysis().temp_size_in_bytes / batch, state=4 * 4 * n_params, params=n_params)
+  memory = compiled.memory_analysis()
+  r = dict(temp=memory.temp_size_in_bytes / batch, state=memory.argument_size_in_bytes, params=n_params)
   unlooped = dataclasses.replace(cfg, scan_layers=False, loss_chunk=cfg.seq_len if cfg.loss_chunk else 0)
   r["flops"] = flops(compiled if unlooped == cfg else compiled_step(unlooped, batch)[0])
   return dict(r, compile_s=time.perf_counter() - t0)
@@ -162,7 +164,7 @@ def main_fsdp(n: int) -> None:
     m = compiled.memory_analysis()
     args, temp = m.argument_size_in_bytes, m.temp_size_in_bytes
     print(f"{preset:<16}{n_params / 1e6:>7.0f}M{args / GiB:>13.2f}{temp / GiB:>13.2f}{(args + temp) / GiB:>14.2f}"
-          f"{3 * 4 * n_params / GiB:>19.2f}{fits(args + temp):>11}{time.perf_counter() - t0:>10.0f}", flush=True)
+          f"{4 * 4 * n_params / GiB:>19.2f}{fits(args + temp):>11}{time.perf_counter() - t0:>10.0f}", flush=True)
   print(f"load average at end: {os.getloadavg()[0]:.1f}")
 
 
