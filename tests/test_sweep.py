@@ -80,6 +80,8 @@ def test_the_mixer_column_is_the_run_name_up_to_its_first_dash():
     (None, dict(seed=[0, 0]), "sweep.seed has repeated entries"),
     (None, dict(seed=[2**31]), "sweep.seed[0]: seed must be"),
     (None, dict(max_group_size=-1), "sweep.max_group_size must be an integer >= 0"),
+    (None, dict(parallel_groups=0), "sweep.parallel_groups must be an integer in [1, 64], got 0"),
+    (None, dict(parallel_groups=True), "sweep.parallel_groups must be an integer in [1, 64], got True"),
     (None, dict(grid=1), "sweep.grid is not a sweep key"),
     (None, dict(mixers={"attention": {}}),
      "sweep.mixers no longer exists: the grid is now Python in the config's `runs`"),
@@ -119,7 +121,8 @@ def test_the_readme_overrides_of_the_population_axes_parse():
   holder = cli.define_config_flag(f"{REPO}/experiments/configs/figure2.py", flag_values=flag_values, sys_argv=argv)
   cli.parse_flags(argv, flag_values)
   runs = sweep.expand_grid(holder.value)
-  assert {(r.learning_rate, r.seed) for r in runs} == {(1e-3, 0), (1e-3, 1), (1e-3, 2)} and len(runs) == 8 * 3
+  num_runs = len(figure2.get_config("cpu").runs)
+  assert {(r.learning_rate, r.seed) for r in runs} == {(1e-3, 0), (1e-3, 1), (1e-3, 2)} and len(runs) == num_runs * 3
 
 
 # ---------------------------------------------------------------------------------------------- Training
@@ -154,6 +157,21 @@ def test_vmapped_group_equals_the_same_runs_trained_one_by_one(finished_sweep, t
     np.testing.assert_allclose(row["test_accuracy"], single["test_accuracy"], atol=1e-6)
     assert row["test_slices"] == pytest.approx(single["test_slices"], abs=1e-6)
     assert row["num_params"] == single["num_params"] and row["state_size"] == single["state_size"]
+
+
+@pytest.mark.slow  # ~20 s: two worker processes each start JAX and compile
+def test_groups_trained_in_parallel_processes_equal_the_same_groups_trained_in_turn(tmp_path, capsys):
+  runs = {f"attention-d{d}-L16-kv2": _run(model={**ATTENTION, "d_model": d}, train_examples=64) for d in (16, 32)}
+  c = _sweep_config(runs, learning_rate=[3e-3], seed=[0, 1], parallel_groups=2)
+  c["train"]["epochs"] = 1
+  parallel = {r["run_id"]: r for r in sweep.run_sweep(c, str(tmp_path / "parallel"))}
+  assert "2 groups at a time (one process each)" in capsys.readouterr().out
+  in_turn = {r["run_id"]: r for r in sweep.run_sweep({**c, "sweep": {**c["sweep"], "parallel_groups": 1}},
+                                                    str(tmp_path / "in_turn"))}
+  assert sorted(parallel) == sorted(in_turn) and len(parallel) == 4
+  for run_id, row in in_turn.items():
+    for key in ("validation_accuracy", "test_accuracy", "test_loss", "config_hash"):
+      assert parallel[run_id][key] == row[key], (run_id, key)
 
 
 def test_restart_skips_finished_runs_and_refuses_a_changed_config(finished_sweep, capsys):
@@ -231,6 +249,46 @@ def test_plots_write_png_and_pdf_with_the_selected_points(tmp_path):
     sweep_plots.figure2([], str(tmp_path / "empty"))
 
 
+def _mixture_rows() -> list[dict]:
+  """attention trained on a {16, 32} mixture and tested per length: 2 learning rates × 3 seeds. At L 32 lr
+  1e-3 wins on validation (lr 3e-3 on the mixed validation set), and 2 of its 3 seeds pass 0.99 on test."""
+  rows = []
+  for lr, val16, val32, tests32 in ((1e-3, 0.97, 0.96, (0.995, 0.99, 0.90)), (3e-3, 0.999, 0.95, (1.0, 1.0, 1.0))):
+    for seed, test32 in enumerate(tests32):
+      rows.append(dict(
+          run_id=f"attention-d64-L16_32-lr{lr:.2e}-s{seed}", mixer="attention", d_model=64, seq_len=16,
+          num_kv_pairs=4, learning_rate=lr, seed=seed, validation_accuracy=(val16 + val32) / 2,
+          test_accuracy=0.5, validation_slices={"L16_kv4": val16, "L32_kv4": val32},
+          test_slices={"L16_kv4": 0.98 + 0.001 * seed, "L32_kv4": test32}, state_size=8192, num_params=100))
+  return rows
+
+
+def test_a_run_trained_on_a_mixture_is_a_point_at_each_tested_length(tmp_path):
+  rows = _mixture_rows()
+  best = {p["seq_len"]: p for p in sweep.best_over_learning_rates(rows)}
+  assert set(best) == {16, 32}
+  assert best[16]["learning_rate"] == 3e-3 and best[32]["learning_rate"] == 1e-3  # per length, on validation
+  assert best[16]["validation_accuracy"] == pytest.approx(0.999)
+  assert best[16]["test_accuracy"] == pytest.approx(0.981) and best[16]["passing"] == 0
+  assert best[32]["test_accuracy"] == pytest.approx((0.995 + 0.99 + 0.90) / 3)
+  assert best[32]["test_std"] == pytest.approx(np.std([0.995, 0.99, 0.90])) and best[32]["passing"] == 2
+  assert best[32]["seeds"] == 3
+  drawn = sweep_plots.figure2(rows, str(tmp_path / "figure2"))
+  assert set(drawn) == {(16, 4, "attention"), (32, 4, "attention")}
+  assert drawn[(32, 4, "attention")][0][:2] == (64, pytest.approx(best[32]["test_accuracy"]))
+  table = sweep_plots.format_best(rows)
+  assert "| attention | 64 | 32 | 4 | 1.0e-03 | 0.960 | 0.962 | 0.044 | 2/3 | 8,192 |" in table
+  assert "| attention | 64 | 16 | 4 | 3.0e-03 | 0.999 | 0.981 | 0.001 | 0/3 | 8,192 |" in table
+
+
+def test_per_length_keeps_single_length_rows_and_refuses_a_bad_slice_name():
+  single = dict(run_id="a", seq_len=64, num_kv_pairs=4, validation_accuracy=0.5, test_accuracy=0.4,
+                test_slices={"L64_kv4": 0.4})
+  assert sweep.per_length([single, {**single, "test_slices": {}}]) == [single, {**single, "test_slices": {}}]
+  with pytest.raises(ValueError, match=r"^results row a: test slice 'x' is not 'L<seq_len>_kv<kv pairs>'$"):
+    sweep.per_length([{**single, "test_slices": {"L64_kv4": 0.4, "x": 0.3}}])
+
+
 def test_results_table_round_trips_through_csv(tmp_path, finished_sweep):
   _, workdir, rows = finished_sweep
   with open(os.path.join(workdir, "results.csv"), newline="") as f:
@@ -260,9 +318,19 @@ def test_figure2_paper_scale_is_zoologys_grid():
   assert len(sweep.group_runs(runs)) == 7 * 4 * 4  # each group: the 4 learning rates
 
 
-def test_figure2_cpu_scale_expands():
+def test_figure2_cpu_scale_trains_one_model_per_mixer_and_width_on_a_mixture_of_lengths():
   runs = sweep.expand_grid(_figure2_config("cpu"))
-  assert {r.mixer for r in runs} == {"attention", "base_conv"} and len(runs) == 16
+  assert {r.mixer for r in runs} == {"attention", "base_conv"} and {r.d_model for r in runs} == {64, 128}
+  assert len(runs) == 2 * 2 * 3 and {r.seed for r in runs} == {0, 1, 2}  # mixers × widths × seeds
+  assert len(sweep.group_runs(runs)) == 2 * 2
+  data = runs[0].config["data"]
+  assert [(s["seq_len"], s["num_examples"]) for s in data["train_segments"]] == [(16, 4_800), (32, 1_600)]
+  assert [s["seq_len"] for s in data["test_segments"]] == [16, 32]
+  assert [s["seq_len"] for s in data["validation_segments"]] == [16, 32]
+  assert data["fresh_examples"] and runs[0].config["train"]["schedule"] == "cosine"
+  attention = next(r for r in runs if r.mixer == "attention").config["model"]
+  assert attention["mixer"]["rotary"] and not attention["learned_positions"]
+  assert sweep.population(_figure2_config("cpu"))["parallel_groups"] == 2
   with pytest.raises(ValueError, match="figure2 scale must be one of"):
     _figure2_config("tpu")
 

@@ -11,6 +11,7 @@ A sweep config is a run config (`zoo_jax.config.defaults()`: the base) plus two 
     sweep.seed           [0, ...]      and seed, the models of a run together (below); tuples in a config
                                        file, so `--config.sweep.seed='[0,1,2]'` overrides them
     sweep.max_group_size 0 (no limit) or the most models one jitted step trains at once
+    sweep.parallel_groups 1, or how many groups train at once on CPU, each in its own process (`run_sweep`)
 
 A run name is `<mixer label>-<rest>`, e.g. `attention-d64-L64-kv4`: the results table's `mixer` column is
 the name up to its first `-` (letters, digits and `_` between the dashes). Each run × learning rate × seed
@@ -41,13 +42,20 @@ new models.
 Differences from Zoology: one process trains many models (Zoology launches one process per run); learning
 rate is chosen on validation accuracy (Zoology reports its best test accuracy over learning rates, which
 selects on test); results land in a CSV in the workdir, not in a wandb project.
+
+A run may train on a mixture of lengths (several training segments; its `seq_len` column is the first
+segment's) and be tested on several (one test segment per length): its row's `test_slices` /
+`validation_slices` hold the accuracy per length, and the figures and `best_over_learning_rates` place it
+at each tested length (`per_length`).
 """
 
+import concurrent.futures
 import csv
 import dataclasses
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import re
 import time
@@ -62,7 +70,7 @@ from zoo_jax import sharding
 from zoo_jax import tasks
 from zoo_jax import trainer
 
-POPULATION_KEYS = ("learning_rate", "seed", "max_group_size")
+POPULATION_KEYS = ("learning_rate", "seed", "max_group_size", "parallel_groups")
 GRID_KEYS = ("mixers", "d_model", "lengths")  # the grid language a `sweep` section held before `runs`
 RUN_NAME = re.compile(r"\w+(-\w+)*")
 RESULT_COLUMNS = (
@@ -74,7 +82,7 @@ RESULT_COLUMNS = (
 
 
 def sweep_defaults() -> dict[str, Any]:
-  return dict(learning_rate=[], seed=[0], max_group_size=0)
+  return dict(learning_rate=[], seed=[0], max_group_size=0, parallel_groups=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +140,9 @@ def population(config: Any) -> dict[str, Any]:
   seeds = _check_list(sweep["seed"], "sweep.seed", int, positive=False)
   if not isinstance(sweep["max_group_size"], int) or sweep["max_group_size"] < 0:
     raise ValueError(f"sweep.max_group_size must be an integer >= 0, got {sweep['max_group_size']!r}")
+  parallel = sweep["parallel_groups"]
+  if not isinstance(parallel, int) or isinstance(parallel, bool) or not 1 <= parallel <= 64:
+    raise ValueError(f"sweep.parallel_groups must be an integer in [1, 64], got {parallel!r}")
   checks = ([(f"learning_rate[{i}]", {"train": {"learning_rate": lr}}) for i, lr in enumerate(rates)] +
             [(f"seed[{i}]", {"seed": seed}) for i, seed in enumerate(seeds)])
   for field, partial in checks:  # the schema's ranges, named by the axis rather than by the first run
@@ -143,7 +154,7 @@ def population(config: Any) -> dict[str, Any]:
   if len(set(ids)) != len(ids):
     raise ValueError(f"sweep.learning_rate entries {rates} collide in run ids (written to 3 significant "
                      f"digits: {ids})")
-  return dict(learning_rate=rates, seed=seeds, max_group_size=sweep["max_group_size"])
+  return dict(learning_rate=rates, seed=seeds, max_group_size=sweep["max_group_size"], parallel_groups=parallel)
 
 
 def expand_grid(config: Any) -> list[Run]:
@@ -313,10 +324,19 @@ def train_group(runs: list[Run], group_dir: str, *, devices=None, label: str = "
 # ---------------------------------------------------------------------------------------------- Sweep
 
 
+def _train_group_job(members: list[Run], group_dir: str, label: str) -> list[dict[str, Any]]:
+  """One group in a worker process (`run_sweep` with parallel_groups > 1)."""
+  return train_group(members, group_dir, label=label)
+
+
 def run_sweep(config: Any, workdir: str, *, devices=None) -> list[dict[str, Any]]:
-  """Trains every run of the sweep not yet in `<workdir>/results.csv`; returns all rows of the table."""
+  """Trains every run of the sweep not yet in `<workdir>/results.csv`; returns all rows of the table.
+
+  With `sweep.parallel_groups` = n > 1 on CPU (and no `devices` given), n groups train at once, each in its
+  own process (a CPU step of these small models keeps about one core busy), the widest models first; each
+  group's rows are appended as it finishes. On accelerators groups train one after another."""
   runs = expand_grid(config)
-  max_group_size = config_lib.as_dict(config)["sweep"].get("max_group_size", 0)
+  axes = population(config)
   os.makedirs(workdir, exist_ok=True)
   results_path = os.path.join(workdir, "results.csv")
   done = {row["run_id"]: row for row in read_results(results_path)}
@@ -325,31 +345,83 @@ def run_sweep(config: Any, workdir: str, *, devices=None) -> list[dict[str, Any]
       raise ValueError(f"{results_path} holds run {run.run_id} under another config; use a new workdir "
                        "or another run name")
   todo = [r for r in runs if r.run_id not in done]
-  groups = group_runs(todo, max_group_size)
+  groups = group_runs(todo, axes["max_group_size"])
+  parallel = min(axes["parallel_groups"], len(groups))
+  if devices is not None or jax.default_backend() != "cpu":
+    parallel = 1
+  if parallel > 1:  # longest first (widest, then longest sequences): the last group to start is a short one
+    groups.sort(key=lambda members: (-members[0].d_model, -config_lib.max_seq_len(members[0].config["data"])))
   print(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} already in {results_path}, {len(todo)} to "
         f"train in {len(groups)} groups on {len(devices or jax.devices())} {jax.default_backend()} "
-        "device(s)", flush=True)
+        f"device(s){f', {parallel} groups at a time (one process each)' if parallel > 1 else ''}", flush=True)
+  jobs = []
   for g, members in enumerate(groups):
     name = members[0].group
     suffix = hashlib.sha256(",".join(r.run_id for r in members).encode()).hexdigest()[:8]
     label = f"[{g + 1}/{len(groups)} {name}] "
-    print(f"{label}{len(members)} models: lr {sorted({r.learning_rate for r in members})} × seed "
-          f"{sorted({r.seed for r in members})}", flush=True)
-    rows = train_group(members, os.path.join(workdir, "groups", f"{name}-{suffix}"), devices=devices,
-                       label=label)
+    jobs.append((members, os.path.join(workdir, "groups", f"{name}-{suffix}"), label))
+
+  def record(label: str, rows: list[dict[str, Any]]) -> None:
     append_results(results_path, rows)
     for row in rows:
       print(f"{label}{row['run_id']}: validation {row['validation_accuracy']:.4f} test "
             f"{row['test_accuracy']:.4f} (best epoch {row['best_epoch']}, {row['status']})", flush=True)
+
+  def announce(members: list[Run], label: str) -> None:
+    print(f"{label}{len(members)} models: lr {sorted({r.learning_rate for r in members})} × seed "
+          f"{sorted({r.seed for r in members})}", flush=True)
+
+  if parallel > 1:
+    context = multiprocessing.get_context("spawn")  # a forked JAX runtime is unsafe
+    with concurrent.futures.ProcessPoolExecutor(max_workers=parallel, mp_context=context) as pool:
+      futures = {}
+      for members, group_dir, label in jobs:
+        announce(members, label)
+        futures[pool.submit(_train_group_job, members, group_dir, label)] = label
+      for future in concurrent.futures.as_completed(futures):
+        record(futures[future], future.result())
+  else:
+    for members, group_dir, label in jobs:
+      announce(members, label)
+      record(label, train_group(members, group_dir, devices=devices, label=label))
   wanted = {r.run_id for r in runs}
   return [row for row in read_results(results_path) if row["run_id"] in wanted]
 
 
-def best_over_learning_rates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """One entry per (mixer, d_model, seq_len, num_kv_pairs): the learning rate with the best mean validation
-  accuracy over seeds, and the test accuracy (mean, std over seeds) at that learning rate."""
-  cells: dict[tuple, dict[float, list]] = {}
+PASS_ACCURACY = 0.99  # a seed "passes" a point at this test accuracy (the paper's bar for solving MQAR)
+_SLICE = re.compile(r"L(\d+)_kv(\d+)")
+
+
+def per_length(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Rows with one test length each. A row whose `test_slices` hold several lengths (a model trained and
+  tested on a mixture of lengths) becomes one copy per slice, whose seq_len, num_kv_pairs, test_accuracy
+  and validation_accuracy are that slice's (the validation slice of the same name; the row's overall
+  validation accuracy if validation has no such slice); other columns (losses, state_size at the model's
+  longest length) stay the run's. Rows of one slice or none (hand-made tables) are kept as they are."""
+  out = []
   for row in rows:
+    slices = row.get("test_slices") or {}
+    if len(slices) <= 1:
+      out.append(row)
+      continue
+    validation = row.get("validation_slices") or {}
+    for key, accuracy in slices.items():
+      match = _SLICE.fullmatch(key)
+      if not match:
+        raise ValueError(f"results row {row.get('run_id')}: test slice {key!r} is not 'L<seq_len>_kv<kv pairs>'")
+      out.append({**row, "seq_len": int(match[1]), "num_kv_pairs": int(match[2]), "test_accuracy": accuracy,
+                  "validation_accuracy": validation.get(key, row["validation_accuracy"])})
+  return out
+
+
+def best_over_learning_rates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """One entry per (mixer, d_model, seq_len, num_kv_pairs), over the rows' test lengths (`per_length`: a
+  run trained on a mixture of lengths counts at each length it was tested on): the learning rate with the
+  best mean validation accuracy over seeds at that length (Zoology's protocol, but on validation, not
+  test), and the test accuracy at that learning rate: mean, std over seeds, and `passing`, the number of
+  seeds with test accuracy >= PASS_ACCURACY."""
+  cells: dict[tuple, dict[float, list]] = {}
+  for row in per_length(rows):
     key = (row["mixer"], int(row["d_model"]), int(row["seq_len"]), int(row["num_kv_pairs"]))
     cells.setdefault(key, {}).setdefault(float(row["learning_rate"]), []).append(row)
   out = []
@@ -364,5 +436,6 @@ def best_over_learning_rates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]
     out.append(dict(mixer=mixer, d_model=d_model, seq_len=seq_len, num_kv_pairs=kv, learning_rate=lr,
                     validation_accuracy=score(lr), test_accuracy=float(np.mean(tests)),
                     test_std=float(np.std(tests)) if len(tests) > 1 else 0.0, seeds=len(tests),
+                    passing=int(np.sum(tests >= PASS_ACCURACY)),
                     state_size=int(chosen[0]["state_size"]), num_params=int(chosen[0].get("num_params", 0))))
   return out

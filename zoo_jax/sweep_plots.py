@@ -3,7 +3,8 @@
 Both choose each point's learning rate on **validation** accuracy (mean over seeds) and plot **test**
 accuracy at that learning rate, with the standard deviation over seeds as error bars when there are
 several (`zoo_jax.sweep.best_over_learning_rates`). Zoology's plotting code takes the best test accuracy
-over learning rates instead, which selects on the test set.
+over learning rates instead, which selects on the test set. A run trained on a mixture of lengths is a
+point in each length's panel, from its per-length test (and validation) slices (`zoo_jax.sweep.per_length`).
 
     figure2(rows, prefix)         accuracy vs d_model, a panel per sequence length, a line per mixer
     state_tradeoff(rows, prefix)  accuracy vs recurrent state size (log axis), a panel per sequence length
@@ -80,13 +81,14 @@ def state_tradeoff(rows: list[dict[str, Any]], prefix: str) -> dict:
 
 
 def format_best(rows: list[dict[str, Any]]) -> str:
-  """The plotted numbers as a markdown table (one row per mixer × width × length)."""
-  lines = ["| mixer | d_model | L | kv | lr (by validation) | valid acc | test acc | ± std | seeds | state size |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+  """The plotted numbers as a markdown table (one row per mixer × width × test length): test accuracy mean ±
+  std over seeds, and the seeds reaching `sweep.PASS_ACCURACY` out of all."""
+  lines = ["| mixer | d_model | L | kv | lr (by validation) | valid acc | test acc | ± std | "
+           f"seeds ≥ {sweep.PASS_ACCURACY:g} | state size |", "|---|---|---|---|---|---|---|---|---|---|"]
   for p in sweep.best_over_learning_rates(rows):
     lines.append(f"| {p['mixer']} | {p['d_model']} | {p['seq_len']} | {p['num_kv_pairs']} | "
                  f"{p['learning_rate']:.1e} | {p['validation_accuracy']:.3f} | {p['test_accuracy']:.3f} | "
-                 f"{p['test_std']:.3f} | {p['seeds']} | {p['state_size']:,} |")
+                 f"{p['test_std']:.3f} | {p['passing']}/{p['seeds']} | {p['state_size']:,} |")
   return "\n".join(lines)
 
 

@@ -21,19 +21,26 @@ and `MHA(dropout=0.1)` on attention's probabilities (its Figure-2 configs). scal
 (zoo_jax's default; the numbers below were measured so); `--config.runs.<run>.model.embed_dropout=0.1`
 and `.mixer.dropout=0.1` turn it on per run.
 
-scale=cpu keeps the design and shrinks every axis to what 2 CPU cores train in about 45 minutes:
-attention and BaseConv, widths 64 and 128, (L, kv) in {(32, 4), (64, 8)}, learning rates 1e-3 and
-3e-3, vocabulary 128, 24,000 training and 1,000 validation / test examples per length, batch 64, up to
-10 epochs (early stop above 0.99 validation accuracy).
+scale=cpu keeps the design and shrinks every axis to what 2 CPU cores train in about 45 minutes, on the
+recipe measured in `zoo_jax/configs/mqar.py` (its mixture table): ONE model per (mixer, width) trained on a
+3:1 mixture of FRESH examples at (L 16, 4 kv pairs) and (L 32, 4 kv pairs), padded to 32 (Zoology's later
+configs train on mixtures of lengths), and tested per length: the results table's `test_slices`, which
+`sweep.per_length` turns into one point per length. Attention with rotary positions (1 head) and
+BaseConv; widths 64 and 128; vocabulary 128; batch 64; one learning rate, 3e-3, with a cosine decay over
+4,000 steps (40 epochs of 100 steps, validation every epoch); early stop above 0.995 validation accuracy
+on the mixture; 500 validation and 500 test examples per length; 3 seeds, each (mixer, width) one vmapped
+population; the 4 groups train 2 at a time (`sweep.parallel_groups`, one process per core).
 
-Measured (scale=cpu, one seed, 2 CPU cores shared with 2–6 other jobs: 72 min of wall time; the runs' own
-throughputs on an idle machine put the grid at about 35–40 min), test accuracy at the learning rate chosen
-on validation:
-    L=32:  attention 1.000 (d=64), 0.993 (d=128);   BaseConv 0.260 (d=64), 0.831 (d=128)
-    L=64:  attention 0.154 (d=64), 0.153 (d=128);   BaseConv 0.130 (d=64), 0.340 (d=128)
-BaseConv falls with L and rises with width, as in the paper; attention solves L=32 but at L=64 neither width
-leaves the ~0.15 plateau within 10 epochs of 24,000 examples (the paper trains 64 epochs on 100,000): at
-this budget the CPU grid does not reproduce attention's flat line at the longer length.
+Sizing (CPU seconds of a 3-seed population for 200 steps, compilation included, at load 8-10):
+attention 34 (d 64) / 66 (d 128), BaseConv 27 / 43, Hyena 65 / 108, H3 152 (d 128). With attention's
+measured 0.12 CPU s per step at d 64 (early stop at 3,300-3,500 steps) and BaseConv's 0.086 (all 4,000
+steps), the grid is ~2,400 CPU s, ~20 min on 2 idle cores; Hyena at both widths would add ~2,900 CPU s
+(0.25 / 0.47 CPU s per step) and does not fit the 45 minutes beside them (a config file whose `runs`
+add `mixture_runs(cpu_models, ("hyena",), CPU_WIDTHS, ...)` trains it in the same workdir).
+
+The previous scale=cpu (one fixed set of 24,000 examples per length, (L, kv) in {(32, 4), (64, 8)}, 10
+epochs, 1 seed, learned positions) left attention at ~0.15 at L = 64 (72 min at load 2-6): it never
+showed the flat line.
 """
 
 import copy
@@ -51,7 +58,15 @@ PAPER_MIXERS = ("attention", "base_conv", "hyena", "h3", "rwkv", "based", "mamba
 # (seq_len, num_kv_pairs, training examples, validation = test examples, batch size; None: the base's)
 PAPER_LENGTHS = ((64, 4, 100_000, 3_000, 512), (128, 8, 100_000, 3_000, 512), (256, 16, 100_000, 3_000, 256),
                  (512, 64, 100_000, 3_000, 128))
-CPU_LENGTHS = ((32, 4, 24_000, 1_000, None), (64, 8, 24_000, 1_000, None))
+# scale=cpu: one model per (mixer, width) on a mixture of lengths, tested per length. Training segments
+# (seq_len, num_kv_pairs, share of the fresh examples: 3:1 toward the short length; 6,400 per epoch = 100
+# steps of batch 64), and (seq_len, num_kv_pairs, examples) of each length's validation and test slices.
+CPU_TRAIN_MIXTURE = ((16, 4, 4_800), (32, 4, 1_600))
+CPU_EVAL_LENGTHS = ((16, 4, 500), (32, 4, 500))
+CPU_MIXERS = ("attention", "base_conv")
+CPU_WIDTHS = (64, 128)
+CPU_SEEDS = (0, 1, 2)
+CPU_PARALLEL_GROUPS = 2  # one process per core of a 2-core machine
 # Zoology's Figure-2 dropout: `ModelConfig.embed_dropout` = 0.1 (its default: zoology/config.py at
 # 0a76ef2, line 89), applied by `TransformerBlock` only; attention's `MHA(dropout=0.1)`
 # (iclr24_zoology_figure2/configs.py at 0c59e61, line 58). resid_dropout stays 0, its default.
@@ -120,11 +135,43 @@ def base_config(scale: str) -> ml_collections.ConfigDict:
   return c
 
 
+def cpu_mixture_recipe(c: ml_collections.ConfigDict) -> None:
+  """scale=cpu's training recipe, in place on `base_config('cpu')`: fresh examples, cosine decay over 40
+  epochs of 100 steps, early stop above 0.995, one learning rate, 3 seeds, 2 groups at a time."""
+  c.data.fresh_examples = True
+  c.train.update(epochs=40, schedule="cosine", warmup_steps=0, learning_rate=3e-3, early_stop_accuracy=0.995)
+  c.sweep = dict(learning_rate=(3e-3,), seed=CPU_SEEDS, max_group_size=0, parallel_groups=CPU_PARALLEL_GROUPS)
+
+
+def cpu_models(seq_len: int) -> dict[str, dict]:
+  """scale=cpu's mixers: `configs.mqar.figure2_models`, but attention with rotary positions (the mixture
+  recipe's measurements: `configs/mqar.py`)."""
+  models = copy.deepcopy(mqar.figure2_models(seq_len))
+  models["attention"] = dict(mixer=dict(name="attention", num_heads=1, rotary=True), learned_positions=False)
+  return models
+
+
+def mixture_runs(models: Callable[[int], dict[str, dict]], names: tuple[str, ...], widths: tuple[int, ...],
+                 train_mixture: tuple[tuple, ...], eval_lengths: tuple[tuple, ...]) -> dict[str, dict]:
+  """A sweep's `runs` of one model per mixer × width, each trained on the mixture of `train_mixture`
+  ((seq_len, kv, examples) segments) and validated / tested on a slice per `eval_lengths` entry:
+  '<mixer>-d<width>-L<lengths joined by _>' → partial run config. `models(seq_len)` gets the longest length."""
+  longest = max(seq_len for seq_len, _, _ in train_mixture + eval_lengths)
+  lengths = "_".join(str(seq_len) for seq_len, _, _ in eval_lengths)
+  segments = lambda spec: [dict(seq_len=l, num_kv_pairs=kv, num_examples=n) for l, kv, n in spec]
+  return {f"{name}-d{d_model}-L{lengths}": dict(
+      model={**copy.deepcopy(models(longest)[name]), "d_model": d_model},
+      data=dict(train_segments=segments(train_mixture), validation_segments=segments(eval_lengths),
+                test_segments=segments(eval_lengths)))
+          for name, d_model in itertools.product(names, widths)}
+
+
 def get_config(scale: str | None = None) -> ml_collections.ConfigDict:
   scale = scale or "cpu"
   c = base_config(scale)
   if scale == "paper":
     c.runs = grid(zoology_figure2_models, PAPER_MIXERS, (64, 128, 256, 512), PAPER_LENGTHS)
   else:
-    c.runs = grid(mqar.figure2_models, ("attention", "base_conv"), (64, 128), CPU_LENGTHS)
+    cpu_mixture_recipe(c)
+    c.runs = mixture_runs(cpu_models, CPU_MIXERS, CPU_WIDTHS, CPU_TRAIN_MIXTURE, CPU_EVAL_LENGTHS)
   return c
