@@ -13,12 +13,14 @@ import textwrap
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 import numpy as np
 import pytest
 
 from zoo_jax import sharding
 from zoo_jax.mixers import registry
+from zoo_jax.model import LanguageModel, ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D, L = 32, 16
@@ -177,3 +179,38 @@ def test_fsdp_step_splits_activations_by_batch():
   assert result.returncode == 0, result.stderr[-3000:]
   temp = json.loads(result.stdout.strip().splitlines()[-1])
   assert temp["fsdp"] < 1.5 * temp["data"], temp
+
+
+def _sharding_constraints(jaxpr) -> int:
+  """The number of sharding_constraint equations in a jaxpr and its sub-jaxprs (a scan body counted once)."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == "sharding_constraint"
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, "jaxpr", sub)
+        n += _sharding_constraints(sub) if hasattr(sub, "eqns") else 0
+  return n
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_fsdp_splits_the_embeddings_and_every_block_output_by_batch(scan_layers):
+  """Under an FSDP activation mesh the training forward pins the batch split at the embeddings and at each
+  block's output (inside the scanned unit too); on any other mesh it adds no constraint. The block outputs'
+  constraint changed no temporaries where measured (bench_memory --fsdp=8: attention_360m 12.46 GiB/device,
+  base_conv_360m 14.11, with and without it; 4 unscanned layers 0.81): XLA had kept the embeddings' split;
+  the constraint pins it rather than leaving it to propagation."""
+  cfg = ModelConfig.from_config(dict(d_model=16, n_layers=3, mixer=dict(name="attention"), scan_layers=scan_layers),
+                                vocab_size=32, seq_len=8)
+  graphdef, params = nnx.split(LanguageModel(cfg, rngs=nnx.Rngs(0)))
+  tokens = jnp.zeros((2, 8), jnp.int32)
+
+  def constraints(fsdp):
+    mesh = AbstractMesh((1, 1, fsdp, 1), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 4)
+    def forward(p, t):
+      with jax.sharding.use_abstract_mesh(mesh):
+        return nnx.merge(graphdef, p)(t)
+    return _sharding_constraints(jax.make_jaxpr(forward)(params, tokens).jaxpr)
+
+  assert constraints(2) == 1 + (1 if scan_layers else cfg.n_layers)
+  assert constraints(1) == 0

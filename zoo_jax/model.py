@@ -196,7 +196,8 @@ class Block(nnx.Module):
       y_bld = mixers.apply(self.mixer, self.norm1(x_bld), tokens_bl,  # token ids if it reads them
                            dropout_key=_fold(dropout_key, 2))
       x_bld = x_bld + dropout(y_bld, self.resid_dropout, _fold(dropout_key, 0))
-      return self._state_mixer(x_bld, _fold(dropout_key, 1))
+      # FSDP: each block's output split by batch, as the embeddings' (inside a scan / remat too).
+      return sharding.constrain_batch(self._state_mixer(x_bld, _fold(dropout_key, 1)))
     y_bld, state = mixers.apply(self.mixer, self.norm1(x_bld), tokens_bl, state=state, return_state=True)
     x_bld = self._state_mixer(x_bld + y_bld)
     return (x_bld, state) if return_state else x_bld
