@@ -38,6 +38,14 @@ occurrence of a token, not the position after its first occurrence, where an AR 
 `keys='all'` (selected queries over every earlier key) keeps the compute linear in L for a fixed k but
 needs the whole KV cache, 2·d·L; use it to separate "which queries" from "which keys".
 
+No `implementation` option (attention's `xla` / `cudnn` / `blockwise`, `zoo_jax.mixers.attention`): with
+selection='full' the layer is `Attention` with implementation None, so it takes that mixer's table (blockwise
+on CPU, no l×l array); the other selections attend over the k gathered slots, a (k, k) score matrix per head
+with keys='selected' and (k, L) with keys='all' (L×L only if budget >= L), on `jax.nn.dot_product_attention`'s
+XLA path with an additive bias (learned selection's key log-gates) and a per-example mask of empty slots,
+which neither the blockwise op nor cuDNN's causal kernel takes. An O(k·L) array is the price of keys='all'
+whatever the kernel; the budget, not an implementation, bounds it.
+
 `random` and `programmatic` read token ids: the model passes `tokens=` to mixers whose `uses_tokens` is
 true (`zoo_jax.model.Block`).
 
