@@ -24,10 +24,11 @@ The argument after the colon picks a preset of `PRESETS`:
                                   FSDP over one 8-device node (mesh.fsdp = 8, data = -1: more nodes add data
                                   parallelism; on another device count set --config.mesh.fsdp to a divisor
                                   of it). An 8-device node gets 1/8 of the parameters, gradients and AdamW
-                                  state (0.50 / 0.39 GiB of arguments per device) and 32 of the 256 rows:
-                                  12.3 / 14.1 GiB of XLA temporaries per device (attention on its 'xla' path,
-                                  L × L scores; `experiments/bench_memory.py --fsdp=8`, compiled for 8
-                                  simulated CPU devices), far under 80 GB
+                                  state, and of the trainer's best parameters (0.66 / 0.53 GiB of arguments per
+                                  device) and 32 of the 256 rows: 12.5 / 14.1 GiB of XLA temporaries per
+                                  device (attention on its 'xla' path, L × L scores;
+                                  `experiments/bench_memory.py --fsdp=8`, compiled for 8 simulated CPU
+                                  devices), far under 80 GB
 The big presets train on rows of 1,024 tokens, global batch 256 (0.26M tokens per step), 20,000 steps ≈
 5B tokens (the paper's token budget), lr 6e-4 (125M) / 3e-4 (360M) with 1% warmup and cosine decay.
 Measured (tiny pair, 2 CPU cores shared with 4 other jobs): `experiments/bench_lm.py --seq_len=256
