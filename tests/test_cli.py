@@ -20,19 +20,30 @@ FUZZ = cli.load_module(os.path.join(REPO, "experiments", "fuzz_config.py"))
 SAMPLE = FUZZ.sample(FUZZ.cases(), 100)  # every category
 
 
+# Each case is a subprocess of the binary (~3-4 s idle, ~10 s at load 8: JAX and absl imports). The default
+# suite keeps one case per path (a check of the resolved config; a key ml_collections rejects while absl
+# parses argv) and the in-process sample below, which covers every category; the rest run with -m slow.
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("override,expected", [
-    ("--config.model.d_modell=3", "config.model has no key 'd_modell'; its keys: ['block', 'd_model'"),
+    pytest.param("--config.model.d_modell=3",
+                 "config.model has no key 'd_modell'; its keys: ['block', 'd_model'", marks=SLOW),
     ("--config.train.learning_rate=-1", "train.learning_rate must be a finite number in (0, 10], got -1.0"),
-    ("--config.model.d_model=0", "model.d_model must be an integer >= 1, got 0"),
-    ("--config.runs.attention_L16_32.model.mixer.num_heads=0", "model.mixer.num_heads must be >= 1"),
-    ("--config.data.vocab_size=20", "vocab_size must be > seq_len"),
-    ("--config.train.schedule=linear", "train.schedule must be one of"),
+    pytest.param("--config.model.d_model=0", "model.d_model must be an integer >= 1, got 0", marks=SLOW),
+    pytest.param("--config.runs.attention_L16_32.model.mixer.num_heads=0",
+                 "model.mixer.num_heads must be >= 1", marks=SLOW),
+    pytest.param("--config.data.vocab_size=20", "vocab_size must be > seq_len", marks=SLOW),
+    pytest.param("--config.train.schedule=linear", "train.schedule must be one of", marks=SLOW),
     # Raised by ml_collections while absl parses argv (a traceback before cli.run and the checks of
     # define_config_flag): an unknown key, an index past a list, a list-valued key; a value of the wrong type.
     (f"--config={CONFIG}:attention --config.train.lr=1", "config.train has no key 'lr'"),
-    (f"--config={CONFIG}:attention --config.data.train_segments[5].seq_len=3", "index 5 is out of range"),
-    ("--config.runs.base_conv_L16_32.model.mixer.kernel_size=5", "kernel_size is a list, which ml_collections cannot"),
-    ("--config.train.epochs=abc", "train.epochs takes an integer (the config file has 40), got 'abc'"),
+    pytest.param(f"--config={CONFIG}:attention --config.data.train_segments[5].seq_len=3",
+                 "index 5 is out of range", marks=SLOW),
+    pytest.param("--config.runs.base_conv_L16_32.model.mixer.kernel_size=5",
+                 "kernel_size is a list, which ml_collections cannot", marks=SLOW),
+    pytest.param("--config.train.epochs=abc",
+                 "train.epochs takes an integer (the config file has 40), got 'abc'", marks=SLOW),
 ])
 def test_bad_override_fails_at_start_up_naming_the_key(tmp_path, override, expected):
   workdir = tmp_path / "run"
