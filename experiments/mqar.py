@@ -15,10 +15,15 @@ learning rate as ONE vmapped population (`train.train_population`; an empty list
 / `train.learning_rate`, and a non-empty one replaces them). The table then follows Zoology's protocol: the
 learning rate with the best validation accuracy (mean over seeds), and at it the test accuracy's mean ± std
 over seeds and how many seeds reach 0.99 ("3/3"). A population of one model is a plain single run. With
-runs at two or more lengths, `<workdir>/accuracy_vs_length.png` plots test accuracy against L per mixer
-(mean ± std over seeds).
+runs at two or more lengths, or runs tested at two or more lengths (a run trained on a mixture),
+`<workdir>/accuracy_vs_length.png` plots test accuracy against L per mixer (mean ± std over seeds); a seed
+counts in the table's "seeds ≥ 0.99 at every L" only if it reaches 0.99 at each tested length.
+
+`--parallel_runs` (default 2) runs train at once, each in a thread of this process, their progress lines
+prefixed by `[run]`; on 2 CPU cores the default's two populations then share both cores.
 """
 
+import concurrent.futures
 import json
 import os
 import sys
@@ -35,6 +40,9 @@ from zoo_jax import train
 _CONFIG = cli.define_config_flag(os.path.join(os.path.dirname(__file__), "configs", "mqar.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.",
                                required=True)
+_PARALLEL_RUNS = flags.DEFINE_integer(
+    "parallel_runs", 2, "How many runs train at once, each in its own thread of this process (their jitted "
+    "steps share the CPU cores or the device); 1: one after another.", lower_bound=1)
 
 
 format_table = train.format_table  # the table and the plot live in zoo_jax/train.py (unit-tested there)
@@ -79,19 +87,38 @@ def main(argv):
     configs = config_lib.expand_runs(base)
   except ValueError as e:  # a one-line message naming the key, before anything is computed or written
     sys.exit(f"error: {e}")
-  for name, cfg in configs.items():
+  parallel = min(_PARALLEL_RUNS.value, len(configs))
+
+  def run(name: str, cfg: dict) -> str | None:
+    """Trains one run; a one-line error, or None."""
     run_seeds = seeds or [cfg.get("seed", 0)]
     run_rates = rates or [cfg.get("train", {}).get("learning_rate", config_lib.defaults().train.learning_rate)]
-    print(f"\n=== {name} ===", flush=True)
+    label = f"[{name}] " if parallel > 1 else ""
+    if parallel == 1:
+      print(f"\n=== {name} ===", flush=True)
     workdir = os.path.join(_WORKDIR.value, name)
     try:
       if len(run_seeds) * len(run_rates) == 1:  # a population of one: the plain single run
         cfg = config_lib.deep_merge(cfg, {"seed": run_seeds[0], "train": {"learning_rate": run_rates[0]}})
-        train.train_and_evaluate(cfg, workdir)
+        train.train_and_evaluate(cfg, workdir, label=label)
       else:
-        train.train_population(cfg, workdir, seeds=run_seeds, learning_rates=run_rates, name=name)
+        train.train_population(cfg, workdir, seeds=run_seeds, learning_rates=run_rates, name=name, label=label)
     except (ValueError, checkpoint.CheckpointError, train.NonFiniteLossError) as e:
-      sys.exit(f"error: {name}: {e}")
+      return f"error: {name}: {e}"
+    return None
+
+  if parallel == 1:  # one after another, stopping at the first error
+    errors = []
+    for name, cfg in configs.items():
+      errors.append(run(name, cfg))
+      if errors[-1]:
+        break
+  else:  # threads: a jitted step releases the GIL, so the runs' steps share the cores
+    print(f"training {len(configs)} runs, {parallel} at a time (--parallel_runs)", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+      errors = list(pool.map(lambda item: run(*item), configs.items()))
+  if any(errors):
+    sys.exit(next(e for e in errors if e))
   summaries = all_summaries(_WORKDIR.value, list(configs))
   table = format_table(summaries)
   checkpoint.write_text(os.path.join(_WORKDIR.value, "results.md"), table + "\n")

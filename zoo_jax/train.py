@@ -44,10 +44,12 @@ def solved(test_accuracy: float, test_slices: dict[str, float]) -> bool:
   return all(math.isfinite(v) and v >= SOLVED_ACCURACY for v in values)
 
 
-def train_and_evaluate(config: Any, workdir: str, *, _kill_after_steps: int | None = None) -> dict[str, Any]:
+def train_and_evaluate(config: Any, workdir: str, *, label: str = "",
+                       _kill_after_steps: int | None = None) -> dict[str, Any]:
   """Trains one model on MQAR as configured, writing everything to `workdir`; returns the summary.
 
-  Reruns with the same workdir resume from its latest good checkpoint. `_kill_after_steps` is a test hook
+  Reruns with the same workdir resume from its latest good checkpoint. `label` prefixes its progress lines
+  (runs training at once in one process). `_kill_after_steps` is a test hook
   that stops the run abruptly after that many steps of this invocation, as a crash would.
   """
   # Config: everything is checked before any data is generated or any array allocated.
@@ -60,23 +62,23 @@ def train_and_evaluate(config: Any, workdir: str, *, _kill_after_steps: int | No
                        f"got {config.train[key]}")
   lock = checkpoint_lib.open_workdir(workdir, config.to_json(indent=2, sort_keys=True))
   try:
-    return _run(config, model_cfg, mesh, workdir, _kill_after_steps)
+    return _run(config, model_cfg, mesh, workdir, _kill_after_steps, label)
   finally:
     lock.release()
 
 
-def _run(config, model_cfg, mesh, workdir: str, kill_after_steps: int | None) -> dict[str, Any]:
+def _run(config, model_cfg, mesh, workdir: str, kill_after_steps: int | None, label: str) -> dict[str, Any]:
   start_time = time.time()
   member = trainer.Member("run", config.seed, config.train.learning_rate, config.train.weight_decay)
   task = tasks.MQARTask(config, [member.seed])
   state_size = model_cfg.state_size()
-  print(f"training {model_cfg.mixer} d_model={model_cfg.d_model} n_layers={model_cfg.n_layers}: state size "
+  print(f"{label}training {model_cfg.mixer} d_model={model_cfg.d_model} n_layers={model_cfg.n_layers}: state size "
         f"{state_size:,}, {task.steps_per_epoch} steps/epoch, mesh {dict(mesh.shape)}", flush=True)
   writer = trainer.MetricsWriter(workdir)
   try:
     run = trainer.train(task, model_cfg=model_cfg, train_cfg=config.train, members=[member], mesh=mesh,
                         checkpoint_dir=os.path.join(workdir, "checkpoints"),
-                        hooks=trainer.Hooks(write=writer.write, kill_after_steps=kill_after_steps),
+                        hooks=trainer.Hooks(write=writer.write, label=label, kill_after_steps=kill_after_steps),
                         on_divergence="raise")
   finally:
     writer.close()
@@ -114,35 +116,36 @@ def _run(config, model_cfg, mesh, workdir: str, kill_after_steps: int | None) ->
       seeds_solved=int(solved(test["accuracy"], test["slices"])),
   )
   checkpoint_lib.write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
-  print(f"done: best epoch {summary['best_epoch']}: validation accuracy {summary['validation_accuracy']:.4f}, "
+  print(f"{label}done: best epoch {summary['best_epoch']}: validation accuracy {summary['validation_accuracy']:.4f}, "
         f"test accuracy {summary['test_accuracy']:.4f}", flush=True)
   return summary
 
 
 def train_population(config: Any, workdir: str, *, seeds: list[int], learning_rates: list[float],
-                     name: str = "run") -> dict[str, Any]:
+                     name: str = "run", label: str = "") -> dict[str, Any]:
   """Trains one MQAR run config at every seed × learning rate as ONE vmapped population (the sweep's
   `train_group`: each model exactly as `train_and_evaluate` would train it alone) and summarises it by
   Zoology's protocol: the learning rate with the best validation accuracy (mean over seeds), then at that
   learning rate the test accuracy's mean and standard deviation over seeds and how many seeds reach
   `SOLVED_ACCURACY` on every test slice (`solved`). Writes `<workdir>/summary.json` (these fields plus `members`, one results row per
-  model) beside the group's metrics.jsonl and checkpoints; a rerun resumes or reports.
+  model) beside the group's metrics.jsonl and checkpoints; a rerun resumes or reports. `label` prefixes its
+  progress lines.
   """
   sweep_config = dict(config_lib.as_dict(config), runs={name: {}},
                       sweep=dict(seed=list(seeds), learning_rate=list(learning_rates)))
   runs = sweep.expand_grid(sweep_config)  # every model's config checked before anything is written
   start_time = time.time()
   resolved, model_cfg = config_lib.resolve(runs[0].config)
-  print(f"training {model_cfg.mixer} d_model={model_cfg.d_model}: {len(runs)} models (learning rates "
+  print(f"{label}training {model_cfg.mixer} d_model={model_cfg.d_model}: {len(runs)} models (learning rates "
         f"{list(learning_rates)} × seeds {list(seeds)}) as one population", flush=True)
-  rows = sweep.train_group(runs, workdir)
+  rows = sweep.train_group(runs, workdir, label=label)
   summary = summarize_population(rows)
   segment = resolved.data.train_segments[0]
   summary.update(d_model=model_cfg.d_model, seq_len=segment["seq_len"], num_kv_pairs=segment["num_kv_pairs"],
                  mixer=dict(resolved.model.mixer), wall_seconds=time.time() - start_time,
                  devices=len(jax.devices()), backend=jax.default_backend())
   checkpoint_lib.write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
-  print(f"done: learning rate {summary['learning_rate']:.2e} (best mean validation accuracy "
+  print(f"{label}done: learning rate {summary['learning_rate']:.2e} (best mean validation accuracy "
         f"{summary['validation_accuracy']:.4f}): test accuracy {summary['test_accuracy']:.4f} ± "
         f"{summary['test_std']:.4f} over {summary['num_seeds']} seeds, {summary['seeds_solved']}/"
         f"{summary['num_seeds']} at >= {SOLVED_ACCURACY}", flush=True)
@@ -268,7 +271,7 @@ def plot_accuracy_vs_length(summaries: dict, path: str) -> bool:
   ax.set_xticks(sorted({l for p in curves.values() for l in p}))
   ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
   ax.grid(alpha=0.3)
-  ax.legend()
+  ax.legend(loc="center right")  # clear of the curves near 1.0 and near chance
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
