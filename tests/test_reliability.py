@@ -1,6 +1,7 @@
-"""The training core's reliability end to end (slow, ~1.5-3 min): real experiments/mqar.py subprocesses
-resumed past damaged checkpoints and raced on one workdir, a reduced experiments/bench_reliability.py
-(its parts 1 and 2, measured once for both tests)."""
+"""The training core's reliability end to end (slow, ~1.5-3 min; 3.2-3.6 min niced at load 6-9.5): real
+experiments/mqar.py subprocesses resumed past damaged checkpoints and raced on one workdir, a reduced
+experiments/bench_reliability.py (its parts 1 and 2, measured once for both tests). In part 2 the process
+holding the lock is paused until the other has exited, so load cannot let it finish before the other starts."""
 
 import os
 
