@@ -1,12 +1,14 @@
 r"""The paper's Figure 2: MQAR accuracy against width, one panel per sequence length, one line per mixer.
 
-  python experiments/figure2.py --workdir=/tmp/zoo_jax_figure2                 # scale=cpu, ~45 min, 2 cores
+  python experiments/figure2.py --workdir=/tmp/zoo_jax_figure2                 # scale=cpu, 2 cores (below)
   python experiments/figure2.py --scale=paper --workdir=/data/figure2          # Zoology's 448-run grid
 
 The grids are Python in `zoo_jax/configs/figure2.py` (the `runs` of a sweep config, shimmed as
 `experiments/configs/figure2.py`); `experiments/sweep.py --config=...figure2.py:cpu` runs the
 same sweep with `--config.*` overrides. Writes results.csv, figure2.{png,pdf}, state_tradeoff.{png,pdf}
-and best.md into the workdir; rerunning resumes (finished runs are skipped).
+and best.md into the workdir; rerunning resumes (finished runs are skipped). scale=cpu trains one model
+per (mixer, width) on a mixture of lengths and places it in each length's panel; its measured table,
+wall time and load are in the config's docstring.
 """
 
 import os

@@ -38,6 +38,21 @@ steps), the grid is ~2,400 CPU s, ~20 min on 2 idle cores; Hyena at both widths 
 (0.25 / 0.47 CPU s per step) and does not fit the 45 minutes beside them (a config file whose `runs`
 add `mixture_runs(cpu_models, ("hyena",), CPU_WIDTHS, ...)` trains it in the same workdir).
 
+Measured (`python3 experiments/figure2.py --workdir=DIR` at c1520a5, on 2 CPU cores shared with other jobs
+at load 5-12, the first 30 minutes at nice 5 beside another timed job: 47 min 48 s of wall time, 2,684
+CPU s (1,904 user + 780 system; 0.93 cores on average)), test accuracy at each length, mean ± std over 3
+seeds (seeds >= 0.99):
+    attention d 64:   L16 0.997 ± 0.002 (3/3)   L32 0.995 ± 0.003 (3/3)   early stop at epochs 33-35
+    attention d 128:  L16 0.996 ± 0.002 (3/3)   L32 0.995 ± 0.003 (3/3)   early stop at epochs 27-37
+    BaseConv  d 64:   L16 0.282 ± 0.003 (0/3)   L32 0.263 ± 0.004 (0/3)   40 epochs (best epochs 5-15)
+    BaseConv  d 128:  L16 0.555 ± 0.164 (0/3)   L32 0.550 ± 0.156 (0/3)   seeds 0.62 / 0.71 / 0.33, 40 epochs
+Attention is flat at >= 0.99 at both lengths and both widths in 3 of 3 seeds; BaseConv stays far below it
+and rises with width (~0.27 at d 64, ~0.55 at d 128), but barely falls from L 16 to L 32 (0.282 to
+0.263 at d 64, 0.555 to 0.550 at d 128, within a seed's spread): both lengths hold 4 kv pairs, so the
+recall load is the same, whereas the paper's lengths grow their kv pairs with L (4 to 64). Showing the
+decline needs more kv pairs at the longer length, in the training mixture and its test slice (e.g. (32, 8)
+or (64, 16)): not yet run.
+
 The previous scale=cpu (one fixed set of 24,000 examples per length, (L, kv) in {(32, 4), (64, 8)}, 10
 epochs, 1 seed, learned positions) left attention at ~0.15 at L = 64 (72 min at load 2-6): it never
 showed the flat line.
