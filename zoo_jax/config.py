@@ -52,6 +52,9 @@ def defaults() -> ml_collections.ConfigDict:
       power_a=0.01,
       random_non_queries=False,
       fresh_examples=False,  # True: new training examples every step, seeded by (seed, step); not Zoology's
+      # With fresh_examples and segments of several lengths: each length's rows of a batch run at their own
+      # length in the one step (the padded batch's loss and gradients, without the padding's compute).
+      group_by_length=True,
       # Each segment: {seq_len, num_kv_pairs, num_examples}; segments of a split are concatenated.
       train_segments=[dict(seq_len=64, num_kv_pairs=4, num_examples=100_000)],
       validation_segments=[dict(seq_len=64, num_kv_pairs=4, num_examples=3_000)],
@@ -153,6 +156,7 @@ class MQARData(_Strict):
   power_a: float = pydantic.Field(gt=0, le=1)
   random_non_queries: bool
   fresh_examples: bool = False
+  group_by_length: bool = True
   train_segments: list[Segment] = pydantic.Field(min_length=1)
   validation_segments: list[Segment] = pydantic.Field(min_length=1)
   test_segments: list[Segment] = pydantic.Field(min_length=1)

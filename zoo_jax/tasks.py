@@ -46,6 +46,58 @@ def _stack_population(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndar
 
 # ---------------------------------------------------------------------------------------------- MQAR
 
+_GROUP = "@L"  # a length group's keys in a batch: f"inputs{_GROUP}{seq_len}", ...
+
+
+def group_by_length(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A padded mixed-length batch (keys of `mqar.fresh_batch`) -> each length's rows at their own length, as
+  flat keys `inputs@L16`, `labels@L16`, `weight@L16`, ... (lengths ascending; rows in batch order). A causal
+  model's outputs on a row's first L positions do not depend on the padding after them, so the loss and
+  gradients are the padded batch's; the padded positions' compute is skipped."""
+  out = {}
+  for seq_len in np.unique(batch["seq_len"]):
+    rows = batch["seq_len"] == seq_len
+    for key in ("inputs", "labels", "weight"):
+      x = batch[key][rows]
+      out[f"{key}{_GROUP}{int(seq_len)}"] = x[:, :int(seq_len)] if x.ndim == 2 else x
+  return out
+
+
+def length_group_counts(data: Any, batch_size: int) -> dict[int, int] | None:
+  """{seq_len: rows per training batch} when `data`'s batches are grouped by length (fresh examples, segments
+  of two or more lengths, `data.group_by_length`); else None. Every batch has these counts (`fresh_batch`
+  splits rows over the segments deterministically)."""
+  if not (data.get("fresh_examples", False) and data.get("group_by_length", True)):
+    return None
+  probe = mqar.fresh_batch(data["train_segments"], batch_size, vocab_size=data["vocab_size"], seed=0, step=0,
+                           power_a=data["power_a"], random_non_queries=data["random_non_queries"])
+  lengths, counts = np.unique(probe["seq_len"], return_counts=True)
+  return {int(l): int(n) for l, n in zip(lengths, counts)} if len(lengths) > 1 else None
+
+
+def length_groups(batch: dict[str, Any]) -> list[dict[str, Any]] | None:
+  """The length groups of a `group_by_length` batch as plain batches (ascending length), or None."""
+  lengths = sorted({int(k.split(_GROUP)[1]) for k in batch if _GROUP in k})
+  if not lengths:
+    return None
+  return [{key: batch[f"{key}{_GROUP}{l}"] for key in ("inputs", "labels", "weight")} for l in lengths]
+
+
+def grouped_mqar_sums(model, batch: dict[str, jax.Array], k: int, dropout_key: jax.Array | None = None
+                      ) -> dict[str, jax.Array]:
+  """`mqar_sums` of a batch, plain or grouped by length (the groups' sums added, per-example arrays joined;
+  group i's dropout key folds in i)."""
+  groups = length_groups(batch)
+  if groups is None:
+    return mqar_sums(model, batch, k, dropout_key)
+  parts = [mqar_sums(model, g, min(k, g["labels"].shape[-1]),
+                     None if dropout_key is None else jax.random.fold_in(dropout_key, i))
+           for i, g in enumerate(groups)]
+  out = {key: sum(p[key] for p in parts) for key in ("loss_sum", "tokens", "acc_sum", "examples")}
+  out.update({key: jnp.concatenate([p[key] for p in parts]) for key in ("acc_b", "weight_b")})
+  return out
+
+
 
 def build_split(config: Any, split: str, seed: int | None = None) -> mqar.MQARDataset:
   """The MQAR split ('train', 'validation', 'test') a resolved run config describes, drawn with the run's
@@ -109,6 +161,9 @@ class MQARTask:
     self.epochs = config.train.epochs
     self.total_steps = self.steps_per_epoch * self.epochs
     self.tokens_per_step = self.batch_size * train0.inputs.shape[1]
+    self.group_counts = length_group_counts(config.data, self.batch_size)
+    if self.group_counts:
+      self.tokens_per_step = sum(l * n for l, n in self.group_counts.items())  # real tokens, no padding
     self.early_stop_accuracy = config.train.early_stop_accuracy
 
   # Data.
@@ -129,7 +184,7 @@ class MQARTask:
       data = self.config.data
       for step in range(start_step, self.total_steps):
         yield _stack_population([
-            {k: b[k] for k in ("inputs", "labels", "weight")}
+            group_by_length(b) if self.group_counts else {k: b[k] for k in ("inputs", "labels", "weight")}
             for b in (mqar.fresh_batch(data.train_segments, self.batch_size, vocab_size=data.vocab_size, seed=s,
                                        step=step, power_a=data.power_a, random_non_queries=data.random_non_queries)
                       for s in self.seeds)])
@@ -146,7 +201,7 @@ class MQARTask:
 
   # Loss and metrics.
   def loss(self, model, batch, dropout_key=None):
-    sums = mqar_sums(model, batch, self.k, dropout_key)
+    sums = grouped_mqar_sums(model, batch, self.k, dropout_key)
     return sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0), sums
 
   def step_metrics(self, sums):

@@ -60,7 +60,12 @@ def train_and_evaluate(config: Any, workdir: str, *, label: str = "",
     if config.train[key] % n_data:
       raise ValueError(f"train.{key} must be a multiple of the mesh's data axis ({n_data}), "
                        f"got {config.train[key]}")
-  lock = checkpoint_lib.open_workdir(workdir, config.to_json(indent=2, sort_keys=True))
+  for seq_len, rows in (tasks.length_group_counts(config.data, config.train.batch_size) or {}).items():
+    if rows % n_data:
+      raise ValueError(f"data.group_by_length: a batch's {rows} rows of length {seq_len} are not a multiple of "
+                       f"the mesh's data axis ({n_data}); set data.group_by_length=false or change the segments")
+  lock = checkpoint_lib.open_workdir(workdir, config.to_json(indent=2, sort_keys=True),
+                                     defaults=config_lib.defaults().to_dict())
   try:
     return _run(config, model_cfg, mesh, workdir, _kill_after_steps, label)
   finally:
