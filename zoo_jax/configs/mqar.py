@@ -17,20 +17,20 @@ The default, `mixed` (`MIXED_RUNS`, runs attention_L16_32 and base_conv_L16_32, 
 paper's finding at CPU scale. Attention (1 head, rotary positions) and BaseConv (kernels [3, long
 implicit], no positions), 2 layers of width 64 with no MLP between mixers (Zoology's block), vocabulary
 128. Each mixer is ONE model trained on fresh examples every step drawn from a 3:1 mixture of L = 16 and
-L = 32 (4 kv pairs, padded to 32; Zoology's later configs train on mixtures) and tested at each length
+L = 32 (4 kv pairs; Zoology's later configs train on mixtures; each length's rows of a batch run at their
+own length, `data.group_by_length`) and tested at each length
 (500 examples per length: the table's `test L16_kv4` / `test L32_kv4` columns, and a seed counts as solved
 only at both); 3 seeds as one vmapped population per mixer; batch 64, AdamW (weight decay 0.1), lr 3e-3
 with a cosine decay over 40 epochs of 100 steps (validation every epoch), early stop above 0.995 validation
 accuracy. experiments/mqar.py trains the two populations at once (`--parallel_runs=2`, threads).
-Measured (load 0.6-4, one population after the other): attention test accuracy at L 16 / L 32 per seed
-0.994 / 0.993, 0.997 / 0.994, 0.999 / 0.999 (3/3 at both lengths; early stop at 3,300-3,500 steps, 430 CPU
-s, 6 min 25 s); BaseConv 0.282 / 0.263 (0/3: lower, and lower at the longer length; all 4,000 steps, 344
-CPU s, 3 min 35 s). A cosine decay over 3,000 steps instead left attention at 0/3 (two seeds jump late, at
-1,500-1,800 steps, and were still climbing when the decay ended). The default command as it stands (both
-populations at once, threads; 2 cores shared with other jobs at load 4.8-10.9): the same numbers per seed,
-attention 0.996 ± 0.002 (3/3), BaseConv 0.282 / 0.263 (0/3), 18 min 57 s wall, 875 CPU s (629 user + 246
-system: threads cost ~13% more CPU than one after the other, 774 CPU s; on 2 idle cores about 8 minutes by
-the CPU seconds, not the 5 aimed at).
+Measured, the default command on 2 idle cores (load 1.4-2.6, c672f09): attention test accuracy 0.994 at
+L 16 and 0.992 at L 32 (mean of 3 seeds), 3/3 seeds >= 0.99 at both lengths (best epochs 34, 34, 30);
+BaseConv 0.282 / 0.263 (0/3: lower, and lower at the longer length); 3 min 27 s wall, 390 CPU s (the same
+table again at load 3-7: 6 min 6 s). Before the length grouping (every row padded to 32): attention per
+seed 0.994 / 0.993, 0.997 / 0.994, 0.999 / 0.999 (3/3), BaseConv 0.282 / 0.263, 875 CPU s with both
+populations at once at load 4.8-10.9 (774 one after the other). A cosine decay over 3,000 steps instead
+left attention at 0/3 (two seeds jump late, at 1,500-1,800 steps, and were still climbing when the decay
+ended).
 
 `quick` (`QUICK_RUNS`, `quick_start_base`): one population per (mixer, length) at L = 16 and 32, learned
 positions for attention, constant lr 3e-3, up to 4,000 steps. Measured (load 4-12): attention 0.999 ± 0.001
