@@ -69,10 +69,8 @@ def length_group_counts(data: Any, batch_size: int) -> dict[int, int] | None:
   splits rows over the segments deterministically)."""
   if not (data.get("fresh_examples", False) and data.get("group_by_length", True)):
     return None
-  probe = mqar.fresh_batch(data["train_segments"], batch_size, vocab_size=data["vocab_size"], seed=0, step=0,
-                           power_a=data["power_a"], random_non_queries=data["random_non_queries"])
-  lengths, counts = np.unique(probe["seq_len"], return_counts=True)
-  return {int(l): int(n) for l, n in zip(lengths, counts)} if len(lengths) > 1 else None
+  counts = mqar.fresh_rows_per_length(data["train_segments"], batch_size)
+  return counts if len(counts) > 1 else None
 
 
 def length_groups(batch: dict[str, Any]) -> list[dict[str, Any]] | None:

@@ -351,6 +351,30 @@ def build_dataset(
     return MQARDataset(inputs=inputs, labels=labels, seq_len=seq_len_tag, num_kv_pairs=kv_tag)
 
 
+def _fresh_rows(segments: Sequence[Any], batch_size: int) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """(the segments' checked fields, rows of each in every fresh batch): in proportion to num_examples,
+    largest remainders first."""
+    _require_positive_int("batch_size", batch_size)
+    fields = [_segment_fields(segment, i) for i, segment in enumerate(segments)]
+    if not fields:
+        raise ValueError("mqar.segments must be a non-empty sequence of segments, got 0 segments")
+    shares = np.asarray([int(f["num_examples"]) for f in fields], np.float64)
+    exact = batch_size * shares / shares.sum()
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: batch_size - counts.sum()]:
+        counts[i] += 1
+    return fields, counts
+
+
+def fresh_rows_per_length(segments: Sequence[Any], batch_size: int) -> dict[int, int]:
+    """{seq_len: rows of that length in every `fresh_batch`} (lengths with no rows left out)."""
+    out: dict[int, int] = {}
+    for f, n in zip(*_fresh_rows(segments, batch_size)):
+        if n:
+            out[int(f["seq_len"])] = out.get(int(f["seq_len"]), 0) + int(n)
+    return dict(sorted(out.items()))
+
+
 def fresh_batch(
     segments: Sequence[Any],
     batch_size: int,
@@ -368,17 +392,9 @@ def fresh_batch(
     fixed splits' (build_dataset), so a fresh batch is never a copy of validation or test by construction
     of the seeds (random coincidences aside).
     """
-    _require_positive_int("batch_size", batch_size)
     _require_nonnegative_int("seed", seed)
     _require_nonnegative_int("step", step)
-    fields = [_segment_fields(segment, i) for i, segment in enumerate(segments)]
-    if not fields:
-        raise ValueError("mqar.segments must be a non-empty sequence of segments, got 0 segments")
-    shares = np.asarray([int(f["num_examples"]) for f in fields], np.float64)
-    exact = batch_size * shares / shares.sum()
-    counts = np.floor(exact).astype(int)
-    for i in np.argsort(-(exact - counts), kind="stable")[: batch_size - counts.sum()]:
-        counts[i] += 1
+    fields, counts = _fresh_rows(segments, batch_size)
     max_len = max(int(f["seq_len"]) for f in fields)
     parts = []
     for i, (f, n) in enumerate(zip(fields, counts)):
