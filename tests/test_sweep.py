@@ -159,13 +159,13 @@ def test_vmapped_group_equals_the_same_runs_trained_one_by_one(finished_sweep, t
     assert row["num_params"] == single["num_params"] and row["state_size"] == single["state_size"]
 
 
-@pytest.mark.slow  # ~20 s: two worker processes each start JAX and compile
-def test_groups_trained_in_parallel_processes_equal_the_same_groups_trained_in_turn(tmp_path, capsys):
+@pytest.mark.slow  # ~15 s: four groups compile and train
+def test_groups_trained_in_parallel_threads_equal_the_same_groups_trained_in_turn(tmp_path, capsys):
   runs = {f"attention-d{d}-L16-kv2": _run(model={**ATTENTION, "d_model": d}, train_examples=64) for d in (16, 32)}
   c = _sweep_config(runs, learning_rate=[3e-3], seed=[0, 1], parallel_groups=2)
   c["train"]["epochs"] = 1
   parallel = {r["run_id"]: r for r in sweep.run_sweep(c, str(tmp_path / "parallel"))}
-  assert "2 groups at a time (one process each)" in capsys.readouterr().out
+  assert "2 groups at a time (one thread each)" in capsys.readouterr().out
   in_turn = {r["run_id"]: r for r in sweep.run_sweep({**c, "sweep": {**c["sweep"], "parallel_groups": 1}},
                                                     str(tmp_path / "in_turn"))}
   assert sorted(parallel) == sorted(in_turn) and len(parallel) == 4

@@ -11,7 +11,7 @@ A sweep config is a run config (`zoo_jax.config.defaults()`: the base) plus two 
     sweep.seed           [0, ...]      and seed, the models of a run together (below); tuples in a config
                                        file, so `--config.sweep.seed='[0,1,2]'` overrides them
     sweep.max_group_size 0 (no limit) or the most models one jitted step trains at once
-    sweep.parallel_groups 1, or how many groups train at once on CPU, each in its own process (`run_sweep`)
+    sweep.parallel_groups 1, or how many groups train at once on CPU, each in a thread (`run_sweep`)
 
 A run name is `<mixer label>-<rest>`, e.g. `attention-d64-L64-kv4`: the results table's `mixer` column is
 the name up to its first `-` (letters, digits and `_` between the dashes). Each run × learning rate × seed
@@ -55,7 +55,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import re
 import time
@@ -324,17 +323,13 @@ def train_group(runs: list[Run], group_dir: str, *, devices=None, label: str = "
 # ---------------------------------------------------------------------------------------------- Sweep
 
 
-def _train_group_job(members: list[Run], group_dir: str, label: str) -> list[dict[str, Any]]:
-  """One group in a worker process (`run_sweep` with parallel_groups > 1)."""
-  return train_group(members, group_dir, label=label)
-
-
 def run_sweep(config: Any, workdir: str, *, devices=None) -> list[dict[str, Any]]:
   """Trains every run of the sweep not yet in `<workdir>/results.csv`; returns all rows of the table.
 
-  With `sweep.parallel_groups` = n > 1 on CPU (and no `devices` given), n groups train at once, each in its
-  own process (a CPU step of these small models keeps about one core busy), the widest models first; each
-  group's rows are appended as it finishes. On accelerators groups train one after another."""
+  With `sweep.parallel_groups` = n > 1 on CPU (and no `devices` given), n groups train at once, each in a
+  thread of this process (a jitted step releases the GIL, and a CPU step of these small models keeps about
+  one core busy; `experiments/mqar.py --parallel_runs` trains runs the same way), the widest models first;
+  each group's rows are appended as it finishes. On accelerators groups train one after another."""
   runs = expand_grid(config)
   axes = population(config)
   os.makedirs(workdir, exist_ok=True)
@@ -353,7 +348,7 @@ def run_sweep(config: Any, workdir: str, *, devices=None) -> list[dict[str, Any]
     groups.sort(key=lambda members: (-members[0].d_model, -config_lib.max_seq_len(members[0].config["data"])))
   print(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} already in {results_path}, {len(todo)} to "
         f"train in {len(groups)} groups on {len(devices or jax.devices())} {jax.default_backend()} "
-        f"device(s){f', {parallel} groups at a time (one process each)' if parallel > 1 else ''}", flush=True)
+        f"device(s){f', {parallel} groups at a time (one thread each)' if parallel > 1 else ''}", flush=True)
   jobs = []
   for g, members in enumerate(groups):
     name = members[0].group
@@ -372,12 +367,11 @@ def run_sweep(config: Any, workdir: str, *, devices=None) -> list[dict[str, Any]
           f"{sorted({r.seed for r in members})}", flush=True)
 
   if parallel > 1:
-    context = multiprocessing.get_context("spawn")  # a forked JAX runtime is unsafe
-    with concurrent.futures.ProcessPoolExecutor(max_workers=parallel, mp_context=context) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
       futures = {}
       for members, group_dir, label in jobs:
         announce(members, label)
-        futures[pool.submit(_train_group_job, members, group_dir, label)] = label
+        futures[pool.submit(train_group, members, group_dir, label=label)] = label
       for future in concurrent.futures.as_completed(futures):
         record(futures[future], future.result())
   else:

@@ -29,7 +29,7 @@ configs train on mixtures of lengths), and tested per length: the results table'
 BaseConv; widths 64 and 128; vocabulary 128; batch 64; one learning rate, 3e-3, with a cosine decay over
 4,000 steps (40 epochs of 100 steps, validation every epoch); early stop above 0.995 validation accuracy
 on the mixture; 500 validation and 500 test examples per length; 3 seeds, each (mixer, width) one vmapped
-population; the 4 groups train 2 at a time (`sweep.parallel_groups`, one process per core).
+population; the 4 groups train 2 at a time (`sweep.parallel_groups`, threads of one process).
 
 Sizing (CPU seconds of a 3-seed population for 200 steps, compilation included, at load 8-10):
 attention 34 (d 64) / 66 (d 128), BaseConv 27 / 43, Hyena 65 / 108, H3 152 (d 128). With attention's
@@ -88,7 +88,7 @@ CPU_EVAL_LENGTHS = ((16, 4, 500), (32, 4, 500))
 CPU_MIXERS = ("attention", "base_conv")
 CPU_WIDTHS = (64, 128)
 CPU_SEEDS = (0, 1, 2)
-CPU_PARALLEL_GROUPS = 2  # one process per core of a 2-core machine
+CPU_PARALLEL_GROUPS = 2  # two groups at once (threads): a 2-core machine
 # Zoology's Figure-2 dropout: `ModelConfig.embed_dropout` = 0.1 (its default: zoology/config.py at
 # 0a76ef2, line 89), applied by `TransformerBlock` only; attention's `MHA(dropout=0.1)`
 # (iclr24_zoology_figure2/configs.py at 0c59e61, line 58). resid_dropout stays 0, its default.
