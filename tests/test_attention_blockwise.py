@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from zoo_jax import model as model_lib
 from zoo_jax import mixers
 from zoo_jax.ops import attention as attention_ops
 
@@ -262,3 +263,18 @@ def test_a_prefill_from_position_0_takes_the_training_path_with_no_l_by_l_array(
     return _largest_intermediate(lambda p, x_: nnx.merge(graphdef, p)(x_, return_state=True), params, x)
   assert largest("xla") >= l * l
   assert largest(None) <= l * attention_ops.block_len(l)
+
+
+@pytest.mark.parametrize("name", ["attention", "sliding_window", "blocked"])
+def test_cudnn_with_float32_is_refused_when_the_model_config_is_parsed_naming_a_hybrids_field(monkeypatch, name):
+  """Under a GPU backend (nothing built): 'cudnn' in a float32 model is one line naming mixers[i], from the
+  model config's validation; the same hybrid in bfloat16 passes."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  sizes = {"blocked": {"block_size": 16}, "sliding_window": {"window_size": 8}}
+  sub = {"name": name, "implementation": "cudnn", **sizes.get(name, {})}
+  mixer = {"name": "hybrid", "mixers": [{"name": "base_conv"}, sub]}
+  with pytest.raises(ValueError) as err:
+    model_lib.ModelConfig(vocab_size=32, d_model=16, n_layers=2, seq_len=32, mixer=mixer).validate()
+  assert str(err.value).startswith("model.mixer.mixers[1].implementation='cudnn' takes model.dtype bfloat16")
+  assert "\n" not in str(err.value)
+  model_lib.ModelConfig(vocab_size=32, d_model=16, n_layers=2, seq_len=32, mixer=mixer, dtype="bfloat16").validate()

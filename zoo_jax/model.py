@@ -160,6 +160,7 @@ class ModelConfig:
     # at start-up, before anything is built.
     for i in range(self.n_layers):
       mixers.check_shapes(self.mixer, d_model=self.d_model, seq_len=self.seq_len, layer_idx=i)
+    mixers.check_dtype(self.mixer, DTYPES[self.dtype])  # e.g. attention's 'cudnn' takes no float32
     self.state_size()
 
   def state_size(self) -> int:

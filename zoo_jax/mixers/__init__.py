@@ -7,7 +7,7 @@ is adding one file; modules whose name starts with `_` hold shared pieces and re
 import importlib
 import pkgutil
 
-from zoo_jax.mixers.registry import apply, build, check_shapes, get, names, parse, register, state_size
+from zoo_jax.mixers.registry import apply, build, check_dtype, check_shapes, get, names, parse, register, state_size
 
 for _module in pkgutil.iter_modules(__path__):
   if not _module.name.startswith("_") and _module.name != "registry":

@@ -37,7 +37,7 @@ selection='full' (the others' docstrings point here; `Attention.implementation_f
   training, dropout > 0 (a key)         any            `dropout_attention`: the      'xla': the same; 'blockwise',
                                                        (b, h, l, l) probabilities    'cudnn': refused (config time)
   training without dropout, evaluation, bf16 / fp16    GPU 'cudnn', CPU / TPU        as given
-  prefill from position 0 (no state)    float32        'blockwise' (`FASTEST`)       as given; 'cudnn': refused (build)
+  prefill from position 0 (no state)    float32        'blockwise' (`FASTEST`)       as given; 'cudnn': refused (config)
   local attentions' cache paths         float32        'blockwise'                   'cudnn' runs 'blockwise' (cuDNN
   (prefill from a state, buffer)                                                     takes no float32); others as given
   `Attention` from a state / `step`     float32        'xla' (l × L mask over the    'xla' whatever was chosen
@@ -50,8 +50,9 @@ over an L-slot cache, which the blockwise op (queries and keys aligned from posi
 step (l = 1) costs O(L) on any path, and `generate`'s prefill (no state) already takes the training path,
 so its temporaries are linear in L (tests/test_attention_blockwise.py). Impossible explicit choices are one
 line naming the field, before any compute: 'cudnn' off GPU when the config is parsed (`validate`, the
-field including a hybrid's `mixers[i]`), 'cudnn' with model.dtype float32 when the mixer is built (the
-module knows its dtype, not its place in a hybrid: `model.mixer.implementation`).
+field including a hybrid's `mixers[i]`), 'cudnn' with model.dtype float32 when the model config is parsed
+(`ModelConfig.validate` → the configs' `check_dtype`, the same field names), and again when the mixer is
+built.
 
 State: the KV cache, 2·d·L elements per example per layer: keys (rotated when `rotary`) and values of
 the positions seen so far at cache slots 0 .. t − 1, and the per-example position t. Given a state, the
@@ -83,11 +84,12 @@ def validate_implementation(field: str, implementation: str | None) -> None:
   attention_ops.resolve(implementation, field=f"{field}.implementation")  # 'cudnn' off GPU
 
 
-def check_implementation(implementation: str | None, dtype: Any) -> None:
-  """At construction, before any compute: 'cudnn' needs a GPU and bf16 / fp16 activations (model.dtype)."""
-  attention_ops.resolve(implementation, dtype, field="model.mixer.implementation")
+def check_implementation(implementation: str | None, dtype: Any, field: str = "model.mixer") -> None:
+  """'cudnn' needs a GPU and bf16 / fp16 activations (model.dtype): the configs' `check_dtype` when the model
+  config is parsed (`field` naming a hybrid's `mixers[i]`), and again at construction."""
+  attention_ops.resolve(implementation, dtype, field=f"{field}.implementation")
   if implementation == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
-    raise ValueError(f"model.mixer.implementation='cudnn' takes model.dtype bfloat16 / float16 (cuDNN has no "
+    raise ValueError(f"{field}.implementation='cudnn' takes model.dtype bfloat16 / float16 (cuDNN has no "
                      f"float32 kernel), got {jnp.dtype(dtype).name}: use None, 'blockwise' or 'xla'")
 
 
@@ -128,6 +130,9 @@ class AttentionConfig:
 
   def check_shapes(self, field: str, *, d_model: int, seq_len: int, layer_idx: int) -> None:
     registry.check_heads(field, self.num_heads, d_model, even=self.rotary)
+
+  def check_dtype(self, field: str, dtype: Any) -> None:
+    check_implementation(self.implementation, dtype, field)
 
 
 def apply_rotary(x_blhk: jax.Array, positions_bl: jax.Array, base: float) -> jax.Array:

@@ -28,13 +28,14 @@ the current block followed by its own l, and returns each slot's latest token.
 """
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from zoo_jax.mixers import registry
 from zoo_jax.mixers._local_attention import LocalAttention, validate_at_least_one
-from zoo_jax.mixers.attention import dropout_attention, validate_dropout, validate_implementation
+from zoo_jax.mixers.attention import check_implementation, dropout_attention, validate_dropout, validate_implementation
 from zoo_jax.ops import attention as attention_ops
 
 
@@ -54,6 +55,9 @@ class BlockedConfig:
     registry.check_heads(field, self.num_heads, d_model)
     if seq_len % self.block_size:  # a ragged last block is a smaller attention than the config says
       raise ValueError(f"{field}.block_size must divide the sequence length L ({seq_len}), got {self.block_size}")
+
+  def check_dtype(self, field: str, dtype: Any) -> None:
+    check_implementation(self.implementation, dtype, field)
 
 
 @registry.register("blocked", hparams=BlockedConfig,

@@ -32,6 +32,10 @@ class HybridConfig:
     registry.check_shapes(self.layer_mixer(layer_idx), d_model=d_model, seq_len=seq_len, layer_idx=layer_idx,
                           field=f"{field}.mixers[{layer_idx % len(self.mixers)}]")
 
+  def check_dtype(self, field: str, dtype: Any) -> None:
+    for i, sub in enumerate(self.mixers):
+      registry.check_dtype(sub, dtype, f"{field}.mixers[{i}]")
+
   def layer_mixer(self, layer_idx: int) -> dict:
     return self.mixers[layer_idx % len(self.mixers)]
 

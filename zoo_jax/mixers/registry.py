@@ -165,6 +165,15 @@ def check_shapes(cfg: Any, *, d_model: int, seq_len: int, layer_idx: int, field:
     hparams.check_shapes(field, d_model=d_model, seq_len=seq_len, layer_idx=layer_idx)
 
 
+def check_dtype(cfg: Any, dtype: Any, field: str = "model.mixer") -> None:
+  """A one-line ValueError if the mixer cannot run with activations of `dtype` (model.dtype; e.g. attention's
+  'cudnn' in float32), from its hparams' `check_dtype(field, dtype)` where it has one: called at start-up,
+  before anything is built."""
+  _, hparams = parse(cfg, field)
+  if hasattr(hparams, "check_dtype"):
+    hparams.check_dtype(field, dtype)
+
+
 def check_heads(field: str, num_heads: int, d_model: int, *, even: bool = False, width: str = "model.d_model",
                 name: str = "num_heads") -> None:
   """`num_heads` must split `d_model` into equal heads (of even width with `even`: rotary positions)."""

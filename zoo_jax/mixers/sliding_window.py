@@ -31,13 +31,14 @@ cached keys followed by its own l, and returns the last n of them.
 """
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from zoo_jax.mixers import registry
 from zoo_jax.mixers._local_attention import LocalAttention, validate_at_least_one
-from zoo_jax.mixers.attention import dropout_attention, validate_dropout, validate_implementation
+from zoo_jax.mixers.attention import check_implementation, dropout_attention, validate_dropout, validate_implementation
 from zoo_jax.ops import attention as attention_ops
 
 
@@ -57,6 +58,9 @@ class SlidingWindowConfig:
     registry.check_heads(field, self.num_heads, d_model)
     if self.window_size > seq_len:  # a window past the sequence is full attention, not what was asked
       raise ValueError(f"{field}.window_size must be <= the sequence length L ({seq_len}), got {self.window_size}")
+
+  def check_dtype(self, field: str, dtype: Any) -> None:
+    check_implementation(self.implementation, dtype, field)
 
 
 @registry.register("sliding_window", hparams=SlidingWindowConfig,
