@@ -52,6 +52,12 @@ def test_score_of_uniform_is_zero_and_of_copier_near_log_v():
   assert copy.nll_second < 0.01
   assert copy.score > 0.9 * math.log(v)
   assert "score" in copy.text()
+  # Given first copies: in [0..13, 0, 1] the copier predicts position 15 of the first copy (1 after 0).
+  halves_nh = np.array([list(range(14)) + [0, 1], list(range(100, 116))])
+  text = induction.induction_score(Copier(v), v, halves_nh=halves_nh, batch_size=2)
+  assert (text.rows, text.half_len) == (2, 16)
+  assert text.nll_first == pytest.approx((14 + 15) / 30 * math.log(v), rel=1e-3)
+  assert text.score > 0.5 * math.log(v)
 
 
 def test_nll_by_position_buckets():
@@ -67,6 +73,7 @@ def test_nll_by_position_buckets():
     (lambda: induction.repeated_random_rows(2, 8, 3, exclude=(0, 1)), "exclude must leave"),
     (lambda: induction.induction_score(Uniform(4), 4, batch_size=0), "batch_size must be"),
     (lambda: induction.nll_by_position(np.zeros(5)), "logprobs must be"),
+    (lambda: induction.induction_score(Uniform(4), 4, halves_nh=np.zeros((2, 1), int)), "halves must be"),
 ])
 def test_bad_input_one_line(call, message):
   with pytest.raises(ValueError, match=message) as e:

@@ -66,11 +66,24 @@ def repeated_random_rows(rows: int, half_len: int, vocab_size: int, seed: int = 
 
 
 def induction_score(model, vocab_size: int, rows: int = 16, half_len: int = 256, seed: int = 0,
-                    exclude: tuple[int, ...] = (), batch_size: int = 8) -> InductionScore:
+                    exclude: tuple[int, ...] = (), batch_size: int = 8,
+                    halves_nh: np.ndarray | None = None) -> InductionScore:
   """`InductionScore` of `model` (a LanguageModel, or any nnx module giving (b, l, v) logits) on `rows`
-  repeated random rows of 2 × `half_len` tokens (module docstring); `vocab_size`: the tokens drawn from."""
+  repeated random rows of 2 × `half_len` tokens (module docstring); `vocab_size`: the tokens drawn from.
+
+  `halves_nh`: (n, h) first copies to use instead of random tokens (e.g. held-out text: the score is then
+  what copying earns on text, where a bigram model already predicts part of the first copy); `rows`,
+  `half_len`, `seed` and `exclude` are then unused."""
   batch_size = _check_int("batch_size", batch_size, 1)
-  tokens_nl = repeated_random_rows(rows, half_len, vocab_size, seed, exclude)
+  if halves_nh is None:
+    tokens_nl = repeated_random_rows(rows, half_len, vocab_size, seed, exclude)
+  else:
+    halves_nh = np.asarray(halves_nh)
+    if halves_nh.ndim != 2 or halves_nh.shape[1] < 2 or not np.issubdtype(halves_nh.dtype, np.integer):
+      raise ValueError(f"halves must be integer tokens of shape (rows, half_len >= 2), got {halves_nh.dtype} "
+                       f"{halves_nh.shape}")
+    half_len = halves_nh.shape[1]
+    tokens_nl = np.concatenate([halves_nh, halves_nh], axis=1).astype(np.int32)
   logprobs = nnx.jit(tasks.token_logprobs)
   # token_logprobs' column j is position j + 1: first copy = positions 1..h-1, second = h+1..2h-1.
   lp_nl = np.concatenate([np.asarray(logprobs(model, tokens_nl[i:i + batch_size]))
