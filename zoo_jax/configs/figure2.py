@@ -60,6 +60,10 @@ std over 3 seeds: attention d 64 0.994 ± 0.000 / 0.992 ± 0.000 (L 16 / L 32, 3
 0.001 / 0.996 ± 0.002 (3/3 at both); BaseConv d 64 0.282 ± 0.003 / 0.263 ± 0.004 (0/3), d 128 0.554 ±
 0.163 / 0.550 ± 0.156 (0/3). The same findings, in under a third of the time.
 
+With the groups in threads of one process instead of spawned processes (`sweep.parallel_groups`): a clean
+clone of cd53053, load 2.9-5.3 (another session's LM run at nice 5 beside it): 20 min 14 s of wall time,
+1,215 CPU s (979 user + 236 system; 19% less CPU), the same table to the last digit.
+
 The previous scale=cpu (one fixed set of 24,000 examples per length, (L, kv) in {(32, 4), (64, 8)}, 10
 epochs, 1 seed, learned positions) left attention at ~0.15 at L = 64 (72 min at load 2-6): it never
 showed the flat line.
