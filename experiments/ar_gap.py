@@ -10,7 +10,10 @@ both written by experiments/lm.py (`zoo_jax.analysis.ar_hits`). An AR hit's earl
 the same document of its row. Prints, per run,
 the overall, AR-hit and other perplexity (log-perplexity = mean NLL in brackets) and for RUN_B the share of
 its gap to RUN_A explained by AR hits, min(((l_H^m − l_H^M) · p_H) / (l^m − l^M), 1) (paper, Section 3);
-then the NLL gap per slice and the AR hits bucketed by the bigram's training count. The AR-hit threshold
+then the NLL gap per slice, the AR hits bucketed by the bigram's training count, and each model's mean NLL
+by position in the row (`zoo_jax.analysis.induction.nll_by_position`, log2-spaced buckets: a model that
+uses its context gets better further into the row; a flat curve past the first tokens says it does not,
+and then AR hits cannot be easy for it). The AR-hit threshold
 (a bigram is rare when its training count is below it) is scaled from the training split's size unless
 --threshold is given, and always printed.
 """
@@ -25,6 +28,7 @@ from absl import flags
 import numpy as np
 
 from zoo_jax.analysis import ar_hits
+from zoo_jax.analysis import induction
 
 EVAL_FILE = "ar_eval.npz"
 COUNTS_FILE = "bigram_counts.npz"
@@ -104,7 +108,8 @@ def compare(run_a: str, run_b: str, threshold: int | None = None) -> dict:
   return {"names": run_names(run_a, run_b), "threshold": threshold, "threshold_scaled": scaled,
           "eot_id": counts_a.eot_id,
           "train_tokens": counts_a.num_tokens, "reports": reports, "explained": explained, "notes": notes,
-          "summaries": summaries}
+          "summaries": summaries,
+          "by_position": [induction.nll_by_position(lp) for lp in (logprobs_a, logprobs_b)]}
 
 
 def _ppl(stats: ar_hits.SliceStats) -> str:
@@ -147,6 +152,11 @@ def format_result(result: dict) -> str:
     rows.append([bucket_a.label, f"{bucket_a.stats.num_tokens:,}", share_of_hits, _ppl(bucket_a.stats),
                  _ppl(bucket_b.stats)])
   lines += ["AR hits by the bigram's training count:", _table(rows)]
+  rows = [["positions", f"{name_a} NLL", f"{name_b} NLL"]]
+  for (start, stop, nll_a), (_, _, nll_b) in zip(*result["by_position"]):
+    rows.append([str(start) if stop == start + 1 else f"{start}-{stop - 1}", *("–" if math.isnan(x) else f"{x:.3f}" for x in (nll_a, nll_b))])
+  lines += ["", "Mean NLL (nats) by position in the row (flat past the first positions: the model does not use "
+            "its context):", _table(rows)]
   return "\n".join(lines)
 
 
@@ -158,7 +168,9 @@ def result_to_json(result: dict) -> dict:
           "threshold_scaled": result["threshold_scaled"], "train_tokens": result["train_tokens"],
           "reports": {name_a: result["reports"][0].to_dict(), name_b: result["reports"][1].to_dict()},
           "explained": {"value": explained.value, "gap_nats": explained.gap, "reason": explained.reason},
-          "notes": result["notes"]}
+          "notes": result["notes"],
+          "nll_by_position": {name: [dict(start=a, stop=b, nll=None if math.isnan(x) else x) for a, b, x in rows]
+                              for name, rows in zip((name_a, name_b), result["by_position"])}}
 
 
 def main(argv):

@@ -348,8 +348,13 @@ def test_ar_gap_prints_table_1(two_runs, tmp_path):
   assert "note:" not in out.stdout
   assert "overall +0.457, AR hits +2.000, other +0.200" in out.stdout
   assert "| 0 | 1 | 100.0% | 1.65 (0.500) | 12.18 (2.500) |" in out.stdout  # (2, 3) never in training
+  # by position (rows of 8: buckets 1, 2-3, 4-7): attention's hit (-0.5) sits at position 5, in 4-7
+  assert "| 1 | 2.000 | 2.200 |" in out.stdout
+  assert "| 2-3 | 2.000 | 2.200 |" in out.stdout
+  assert f"| 4-7 | {(0.5 + 3 * 2.0) / 4:.3f} | {(2.5 + 3 * 2.2) / 4:.3f} |" in out.stdout
   saved = json.loads((tmp_path / "gap.json").read_text())
   assert saved["explained"]["value"] == pytest.approx(0.625) and saved["threshold"] == 10
+  assert saved["nll_by_position"]["attention"][2] == dict(start=4, stop=8, nll=pytest.approx(6.5 / 4))
 
   out = run_ar_gap(*two_runs, "--threshold=101")  # (1, 2), seen 100 times, becomes a hit too
   assert out.returncode == 0, out.stderr
