@@ -380,11 +380,25 @@ def checksums(state) -> tuple[dict[str, list], list[str]]:
 # ---------------------------------------------------------------------------------------------- Checkpointer
 
 
+# Orbax numbers its save operations with one process-wide counter (`OperationIdGenerator`), and an async
+# save's background commit reads the *current* number: two CheckpointManagers saving at once in two
+# threads of one process (experiments/mqar.py --parallel_runs, sweep.parallel_groups) wait on each other's
+# signals and fail ("No ArrayMetadata found", or a 300 s "Timeout waiting for key
+# 'awaitable_signals_contract_N/...'"; measured: the README's first command on a clean clone, and
+# tests/test_checkpoint.py). So every Orbax call of every Checkpointer holds this lock, and while more
+# than one Checkpointer is open in the process each save is finished before the lock is released
+# (synchronous); a lone Checkpointer keeps its saves async.
+_ORBAX_LOCK = threading.RLock()
+_OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
+
+
 class Checkpointer:
   """Async Orbax checkpoints of (a pytree of jax arrays, a JSON progress dict) in one directory.
 
-  Keeps the newest `keep` steps (Orbax's retention). Not thread-safe; one writer per directory (hold
-  `open_workdir`'s lock); any number of readers may `restore` while it writes.
+  Keeps the newest `keep` steps (Orbax's retention). One writer per directory (hold `open_workdir`'s
+  lock); any number of readers may `restore` while it writes. Several Checkpointers may be used from
+  several threads of one process (each by one thread): their Orbax calls take turns (`_ORBAX_LOCK`), and
+  their saves are synchronous while more than one is open.
   """
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
@@ -393,10 +407,15 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
       raise CheckpointError(f"{self.directory} exists and is not a directory; move it aside")
-    self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save))
     self._damaged: set[int] = set()  # steps restore skipped, moved aside by the next save
     self._closed = False
+    self._failed: CheckpointError | None = None  # an in-flight save another Checkpointer waited out
+    with _ORBAX_LOCK:
+      for other in list(_OPEN):  # their saves become synchronous from now on: finish the one in flight
+        other._finish_in_flight()
+      self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+          max_to_keep=keep, enable_async_checkpointing=async_save))
+      _OPEN.add(self)
     # A safety net for a caller that never reaches close(): at interpreter exit, finish the in-flight
     # write before concurrent.futures stops its executors (Orbax's finalize thread would otherwise die
     # with "cannot schedule new futures after shutdown" and leave `<step>.orbax-checkpoint-tmp`).
@@ -449,6 +468,12 @@ class Checkpointer:
     records, non_finite = checksums(state)
     if non_finite:
       raise CheckpointError(f"step {step} not saved: non-finite values in state leaves {_names(non_finite)}")
+    with _ORBAX_LOCK:
+      self._save(step, state, progress, records)
+      if len(_OPEN) > 1:
+        self.wait()
+
+  def _save(self, step: int, state, progress: dict, records: dict) -> None:
     self.wait()
     self._move_damaged_aside()
     existing = [s for s, kind in self._entries().items() if kind != "tmp" and s >= step]
@@ -562,7 +587,8 @@ class Checkpointer:
     (name, args), = item_args.items()
     _silence_abandoned_reads()  # before the read: TensorStore's threads report while Orbax is failing
     try:
-      return self._manager.restore(step, args=ocp.args.Composite(**{name: args}))[name], None
+      with _ORBAX_LOCK:
+        return self._manager.restore(step, args=ocp.args.Composite(**{name: args}))[name], None
     except Exception as e:  # pylint: disable=broad-except  # any failure to read marks the step damaged
       why = _one_line(e)
     gc.collect()  # the exception's traceback held the abandoned reads: collect them now, filters in place
@@ -572,10 +598,19 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until in-flight async saves are written; CheckpointError if one failed."""
+    with _ORBAX_LOCK:
+      self._finish_in_flight()
+      failed, self._failed = self._failed, None
+    if failed is not None:
+      raise failed
+
+  def _finish_in_flight(self) -> None:
+    """Waits for the in-flight save (holding `_ORBAX_LOCK`); a failure is kept for this one's `wait`."""
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f"an async checkpoint save in {self.directory} failed: {_one_line(e)}") from e
+      self._failed = self._failed or CheckpointError(
+          f"an async checkpoint save in {self.directory} failed: {_one_line(e)}")
 
   def close(self) -> None:
     """Waits for in-flight saves, then releases Orbax's threads; a second call does nothing.
@@ -594,10 +629,12 @@ class Checkpointer:
         raise
       _warn(str(e))
     finally:
-      try:
-        self._manager.close()
-      except Exception as e:  # pylint: disable=broad-except  # a failed save was reported by wait() above
-        logging.info("closing the checkpoint manager: %s", _one_line(e))
+      with _ORBAX_LOCK:
+        _OPEN.discard(self)
+        try:
+          self._manager.close()
+        except Exception as e:  # pylint: disable=broad-except  # a failed save was reported by wait() above
+          logging.info("closing the checkpoint manager: %s", _one_line(e))
 
   @property
   def closed(self) -> bool:
