@@ -61,8 +61,27 @@ def test_run_leaves_its_outputs(tmp_path):
                                  dict(inputs=test.inputs, labels=test.labels).items()}, test.max_labels_per_example)
   np.testing.assert_allclose(float(sums["acc_sum"] / sums["examples"]), summary["test_accuracy"], atol=1e-6)
 
-@pytest.mark.slow  # 8-27 s of training; keeps the default suite under 15 min
+@pytest.mark.slow  # trains a 2-model population: ~15 s idle
+def test_a_population_member_loads_for_inference(tmp_path):
+  """A run of several seeds (the README's first command trains such populations) loads one member, by
+  index or run id: the model the summary's test accuracy for that member was measured with."""
+  summary = train.train_population(tiny_config(epochs=1), str(tmp_path), seeds=[0, 1], learning_rates=[3e-3],
+                                   name="bc")
+  ids = [m["run_id"] for m in summary["members"]]
+  for member, i in ((1, 1), (ids[0], 0)):
+    model, config = checkpoint.load_for_inference(str(tmp_path), member=member)
+    assert config.seed == summary["members"][i]["seed"]
+    test = tasks.build_split(config, "test")
+    sums = tasks.mqar_sums(model, dict(inputs=jnp.asarray(test.inputs), labels=jnp.asarray(test.labels)),
+                           test.max_labels_per_example)
+    np.testing.assert_allclose(float(sums["acc_sum"] / sums["examples"]), summary["members"][i]["test_accuracy"],
+                               atol=1e-6)
+  for bad in (None, 2, "bc-nope"):
+    with pytest.raises(ValueError, match=r"holds a population of 2 models: member must be an index in \[0, 1\]"):
+      checkpoint.load_for_inference(str(tmp_path), member=bad)
 
+
+@pytest.mark.slow  # 8-27 s of training; keeps the default suite under 15 min
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
   cfg = tiny_config(checkpoint_every_steps=4)
   whole = train.train_and_evaluate(cfg, str(tmp_path / "whole"))

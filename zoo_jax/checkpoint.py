@@ -660,13 +660,18 @@ def _close_at_exit(ref: "weakref.ref[Checkpointer]") -> None:
 # ---------------------------------------------------------------------------------------------- Inference
 
 
-def load_for_inference(workdir: str):
+RUNS_FILE = "runs.json"  # a population's workdir: [{run_id, config}] of its models (`sweep.train_group`)
+
+
+def load_for_inference(workdir: str, member: int | str | None = None):
   """(LanguageModel holding the best-validation parameters, full run config) of a run's workdir (an MQAR
   run of `zoo_jax.train` or an LM run of `zoo_jax.lm`), finished or interrupted, on one device.
 
   The newest good checkpoint is restored (damaged steps are skipped as in training); the model's
-  parameters are its `best_params`. (A sweep group's directory holds a population, not one run: not
-  supported here.)
+  parameters are its `best_params`. A population's workdir (a run of seeds × learning rates, e.g. the
+  README's first command, `experiments/mqar.py`; or a sweep group's directory) holds several models:
+  `member` picks one, by index or run id (`<run>-lr<lr>-s<seed>`, as summary.json's `members` name them);
+  it may be omitted for a population of one.
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from zoo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -676,10 +681,27 @@ def load_for_inference(workdir: str):
   if not os.path.isfile(config_path):
     raise CheckpointError(f"{config_path} not found: not a run's workdir (written by zoo_jax.train or zoo_jax.lm)")
   with open(config_path) as f:
-    config, model_cfg = config_lib.resolve(json.load(f))
+    written = json.load(f)
+  runs_path = os.path.join(workdir, RUNS_FILE)
+  if isinstance(written, Mapping):  # one run
+    configs, index = [written], 0
+    if member not in (None, 0):
+      raise ValueError(f"member must be None or 0 for {workdir} (one run, not a population), got {member!r}")
+  elif os.path.isfile(runs_path):
+    with open(runs_path) as f:
+      runs = json.load(f)
+    configs, ids = [r["config"] for r in runs], [r["run_id"] for r in runs]
+    index = _member_index(member, ids, workdir)
+  else:
+    raise CheckpointError(f"{workdir} holds a population written without {RUNS_FILE} (by zoo_jax before it "
+                          "was recorded): its models' configs are unknown; train it again to load it")
+  config, model_cfg = config_lib.resolve(configs[index])
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  member = trainer.Member("run", config.seed, config.train.learning_rate, config.train.weight_decay)
-  graphdef, like, _, _, _ = trainer.init_state(model_cfg, config.train, [member], 1, mesh)
+  members = []
+  for i, c in enumerate(configs):
+    resolved = config if i == index else config_lib.resolve(c)[0]
+    members.append(trainer.Member(f"m{i}", resolved.seed, resolved.train.learning_rate, resolved.train.weight_decay))
+  graphdef, like, _, _, _ = trainer.init_state(model_cfg, config.train, members, 1, mesh)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
   try:
     restored = checkpointer.restore(like)
@@ -688,4 +710,16 @@ def load_for_inference(workdir: str):
   if restored is None:
     raise CheckpointError(f"{workdir}/checkpoints holds no checkpoint")
   state, _, _ = restored
-  return nnx.merge(graphdef, jax.tree.map(lambda x: x[0], state["best_params"])), config
+  return nnx.merge(graphdef, jax.tree.map(lambda x: x[index], state["best_params"])), config
+
+
+def _member_index(member: int | str | None, ids: list[str], workdir: str) -> int:
+  """The index of `member` (an index or a run id) among a population's `ids`; one-line errors."""
+  if member is None and len(ids) == 1:
+    return 0
+  if isinstance(member, str) and member in ids:
+    return ids.index(member)
+  if isinstance(member, (int, np.integer)) and not isinstance(member, bool) and 0 <= member < len(ids):
+    return int(member)
+  raise ValueError(f"{workdir} holds a population of {len(ids)} models: member must be an index in [0, "
+                   f"{len(ids) - 1}] or one of {ids}, got {member!r}")

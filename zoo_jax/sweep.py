@@ -283,6 +283,9 @@ def train_group(runs: list[Run], group_dir: str, *, devices=None, label: str = "
   mesh = runs_mesh(len(runs), devices)
   group_json = json.dumps([r.run_id + ":" + r.config_hash for r in runs], indent=1)
   lock = checkpoint_lib.open_workdir(group_dir, group_json)
+  # Each model's full config, for `checkpoint.load_for_inference(group_dir, member=...)`.
+  checkpoint_lib.write_text(os.path.join(group_dir, checkpoint_lib.RUNS_FILE), json.dumps(
+      [dict(run_id=r.run_id, config=r.config) for r in runs], indent=1))
   start_time = time.time()
   task = tasks.MQARTask(config, [m.seed for m in members])
   writer = trainer.MetricsWriter(group_dir)
