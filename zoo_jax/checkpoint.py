@@ -713,6 +713,16 @@ def load_for_inference(workdir: str, member: int | str | None = None):
   return nnx.merge(graphdef, jax.tree.map(lambda x: x[index], state["best_params"])), config
 
 
+def population_members(workdir: str) -> list[str]:
+  """The run ids of the models in a run's workdir, in `load_for_inference`'s `member` order: a population's
+  from its runs.json, ['run'] for a single run."""
+  runs_path = os.path.join(workdir, RUNS_FILE)
+  if os.path.isfile(runs_path):
+    with open(runs_path) as f:
+      return [r["run_id"] for r in json.load(f)]
+  return ["run"]
+
+
 def _member_index(member: int | str | None, ids: list[str], workdir: str) -> int:
   """The index of `member` (an index or a run id) among a population's `ids`; one-line errors."""
   if member is None and len(ids) == 1:
