@@ -18,6 +18,7 @@ import os
 import sys
 
 from absl import flags
+from absl import logging
 import jax.numpy as jnp
 
 from zoo_jax import checkpoint
@@ -92,6 +93,8 @@ def format_rows(rows: list[dict], segments: list[tuple[int, int]]) -> str:
 
 
 def main(argv):
+  if not flags.FLAGS["verbosity"].present:  # Orbax logs every restore at INFO
+    logging.set_verbosity(logging.WARNING)
   if len(argv) != 2:
     sys.exit(f"error: expected one workdir (experiments/mqar.py's, or one run's), got {argv[1:]}")
   try:
