@@ -154,7 +154,8 @@ def format_result(result: dict) -> str:
   lines += ["AR hits by the bigram's training count:", _table(rows)]
   rows = [["positions", f"{name_a} NLL", f"{name_b} NLL"]]
   for (start, stop, nll_a), (_, _, nll_b) in zip(*result["by_position"]):
-    rows.append([str(start) if stop == start + 1 else f"{start}-{stop - 1}", *("–" if math.isnan(x) else f"{x:.3f}" for x in (nll_a, nll_b))])
+    span = str(start) if stop == start + 1 else f"{start}-{stop - 1}"
+    rows.append([span, *("–" if math.isnan(x) else f"{x:.3f}" for x in (nll_a, nll_b))])
   lines += ["", "Mean NLL (nats) by position in the row (flat past the first positions: the model does not use "
             "its context):", _table(rows)]
   return "\n".join(lines)

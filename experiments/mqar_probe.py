@@ -4,7 +4,7 @@ r"""Trained MQAR models tested at other (L, kv pairs) than their config's, per m
   python experiments/mqar_probe.py /tmp/zoo_jax_mqar/attention_L16_32 --segments=32x8 --num_examples=1000
 
 WORKDIR is an `experiments/mqar.py` workdir (every run directory in it) or one run's directory. For every
-model (each seed × learning rate of a population: `checkpoint.load_for_inference(..., member=i)`) it prints
+model (each seed × learning rate of a population: `checkpoint.load_population_for_inference`) it prints
 the accuracy on `--num_examples` test examples per segment `LxKV`, drawn as the run's test split is drawn
 (`zoo_jax.data.mqar`, the run's vocabulary, the model's own seed unless `--seed`): the run's own test
 segments give back its test accuracy. A segment longer than the model's `seq_len` is skipped ('–'):
@@ -63,9 +63,7 @@ def probe(workdir: str, segments: list[tuple[int, int]], num_examples: int = 500
     raise ValueError(f"--num_examples must be >= 1, got {num_examples}")
   rows = []
   for run_dir in run_dirs(workdir):
-    members = checkpoint.population_members(run_dir)
-    for i, member in enumerate(members):
-      model, config = checkpoint.load_for_inference(run_dir, member=i)
+    for member, model, config in checkpoint.load_population_for_inference(run_dir):
       accuracy = {}
       for seq_len, kv in segments:
         key = f"L{seq_len}_kv{kv}"

@@ -671,30 +671,55 @@ def load_for_inference(workdir: str, member: int | str | None = None):
   parameters are its `best_params`. A population's workdir (a run of seeds × learning rates, e.g. the
   README's first command, `experiments/mqar.py`; or a sweep group's directory) holds several models:
   `member` picks one, by index or run id (`<run>-lr<lr>-s<seed>`, as summary.json's `members` name them);
-  it may be omitted for a population of one.
+  it may be omitted for a population of one. `load_population_for_inference` gives every model at once.
   """
-  from flax import nnx  # pylint: disable=g-import-not-at-top
+  configs, ids = _recorded_configs(workdir)
+  if ids is None:  # one run
+    if member not in (None, 0):
+      raise ValueError(f"member must be None or 0 for {workdir} (one run, not a population), got {member!r}")
+    index = 0
+  else:
+    index = _member_index(member, ids, workdir)
+  models, config = _restore_best(workdir, configs, index)
+  return models(index), config
+
+
+def load_population_for_inference(workdir: str) -> list[tuple[str, Any, Any]]:
+  """[(run id, LanguageModel, full run config)] of every model of a run's workdir, in `member` order (one
+  entry, run id 'run', for a single run), from one restore of its checkpoint (`load_for_inference`)."""
   from zoo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from zoo_jax import sharding  # pylint: disable=g-import-not-at-top
-  from zoo_jax import trainer  # pylint: disable=g-import-not-at-top
+  configs, ids = _recorded_configs(workdir)
+  models, first = _restore_best(workdir, configs, 0)
+  return [(run_id, models(i), first if i == 0 else config_lib.resolve(configs[i])[0])
+          for i, run_id in enumerate(ids or ["run"])]
+
+
+def _recorded_configs(workdir: str) -> tuple[list[dict], list[str] | None]:
+  """(each model's full config, their run ids; None for a single run) as a run's workdir records them:
+  config.json holds a single run's config, or a population's member ids beside its runs.json."""
   config_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(config_path):
     raise CheckpointError(f"{config_path} not found: not a run's workdir (written by zoo_jax.train or zoo_jax.lm)")
   with open(config_path) as f:
     written = json.load(f)
+  if isinstance(written, Mapping):
+    return [written], None
   runs_path = os.path.join(workdir, RUNS_FILE)
-  if isinstance(written, Mapping):  # one run
-    configs, index = [written], 0
-    if member not in (None, 0):
-      raise ValueError(f"member must be None or 0 for {workdir} (one run, not a population), got {member!r}")
-  elif os.path.isfile(runs_path):
-    with open(runs_path) as f:
-      runs = json.load(f)
-    configs, ids = [r["config"] for r in runs], [r["run_id"] for r in runs]
-    index = _member_index(member, ids, workdir)
-  else:
+  if not os.path.isfile(runs_path):
     raise CheckpointError(f"{workdir} holds a population written without {RUNS_FILE} (by zoo_jax before it "
                           "was recorded): its models' configs are unknown; train it again to load it")
+  with open(runs_path) as f:
+    runs = json.load(f)
+  return [r["config"] for r in runs], [r["run_id"] for r in runs]
+
+
+def _restore_best(workdir: str, configs: list[dict], index: int):
+  """(i -> the LanguageModel of model i's best parameters, model `index`'s resolved config): the newest
+  good checkpoint of the workdir's population (its models share one architecture), restored once."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from zoo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from zoo_jax import sharding  # pylint: disable=g-import-not-at-top
+  from zoo_jax import trainer  # pylint: disable=g-import-not-at-top
   config, model_cfg = config_lib.resolve(configs[index])
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   members = []
@@ -709,18 +734,8 @@ def load_for_inference(workdir: str, member: int | str | None = None):
     checkpointer.close()
   if restored is None:
     raise CheckpointError(f"{workdir}/checkpoints holds no checkpoint")
-  state, _, _ = restored
-  return nnx.merge(graphdef, jax.tree.map(lambda x: x[index], state["best_params"])), config
-
-
-def population_members(workdir: str) -> list[str]:
-  """The run ids of the models in a run's workdir, in `load_for_inference`'s `member` order: a population's
-  from its runs.json, ['run'] for a single run."""
-  runs_path = os.path.join(workdir, RUNS_FILE)
-  if os.path.isfile(runs_path):
-    with open(runs_path) as f:
-      return [r["run_id"] for r in json.load(f)]
-  return ["run"]
+  best = restored[0]["best_params"]
+  return (lambda i: nnx.merge(graphdef, jax.tree.map(lambda x: x[i], best))), config
 
 
 def _member_index(member: int | str | None, ids: list[str], workdir: str) -> int:
